@@ -1,0 +1,290 @@
+"""Classic image processing cell finder: white cells, platelets and red cells in a stained smear frame.
+
+No training: white-cell nuclei and platelets take up the purple/blue stain, so blue minus red (B - R)
+is high on them, near zero on the background and negative on red cells. Everything is done on a
+copy of the frame scaled to a fixed working resolution (``work_um_per_px``), and every size is
+given in micrometres, so the same parameters work at any microscope scale. Method and measured
+accuracy on BCCD: ``docs/cellfinder.md`` (``python -m engines.eval_finder``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+KINDS = ("wbc", "rbc", "platelet")
+
+
+@dataclass(frozen=True)
+class FinderParams:
+    """Tunables of `find_cells`. Sizes are micrometres at the sample; stain levels are B - R grey
+    levels (0..255) above the frame's background level (the median B - R of the frame)."""
+
+    work_um_per_px: float = 0.3  # resolution the finder works at (frames are downscaled to it, never up)
+    nucleus_delta: float = 40.0  # stain above background that marks nucleus / platelet pixels
+    merge_um: float = 2.0  # closing diameter that joins the lobes of one nucleus
+    wbc_min_nucleus_um2: float = 15.0  # smallest stained area that counts as a white-cell nucleus
+    wbc_max_diameter_um: float = 22.0  # largest white cell (limits how far the cell body may grow)
+    cyto_delta: float = 12.0  # stain above background that marks white-cell cytoplasm
+    wbc_min_grow: float = 1.15  # the cell box is at least the nucleus box times this, per side
+    platelet_delta: float = 20.0  # stain above background that outlines a platelet
+    platelet_peak: float = 35.0  # ... and that its most stained pixel must reach
+    platelet_min_um: float = 1.0  # platelet stained-blob equivalent diameter range
+    platelet_max_um: float = 4.5
+    platelet_box_um: float = 2.9  # smallest platelet box side (the stained blob is its granulomere only)
+    platelet_box_grow: float = 1.2  # platelet box = stained blob box times this, if larger
+    rbc_delta: float = 18.0  # green-channel darkening below background that marks red-cell pixels
+    rbc_min_diameter_um: float = 5.0  # red-cell diameter range (distance-transform peaks outside it are dropped)
+    rbc_max_diameter_um: float = 10.0
+    find_rbc: bool = True  # red cells are only counted downstream; turn off to save ~1 ms a frame
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One found cell. ``score`` is 0..1: for white cells and platelets how strongly and how
+    typically sized the stained blob is; for red cells how round/isolated the cell is (distance
+    transform peak over the nominal radius). It ranks detections, it is not a calibrated probability."""
+
+    kind: str  # "wbc" | "rbc" | "platelet"
+    bbox: tuple[int, int, int, int]  # x, y, width, height in frame pixels, inside the frame
+    score: float
+
+
+def _as_bgr(image: np.ndarray) -> np.ndarray:
+    """Accept the image layouts a camera or file can give (grey, BGR, BGRA); reject non-images."""
+    if not isinstance(image, np.ndarray):
+        raise ValueError(f"image must be a numpy array, got {type(image).__name__}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"image must be uint8, got dtype {image.dtype}")
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR) if image.size else image[..., None].repeat(3, 2)
+    if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
+        raise ValueError(f"image must be HxW, HxWx1, HxWx3 or HxWx4, got shape {image.shape}")
+    if image.shape[2] == 3:
+        return image
+    if image.size == 0:
+        return np.zeros((*image.shape[:2], 3), np.uint8)
+    if image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+    return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+
+
+def _check_scale(um_per_px: float) -> float:
+    value = float(um_per_px)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"um_per_px must be a positive number, got {um_per_px!r}")
+    return value
+
+
+def _disc(diameter_px: float) -> np.ndarray:
+    size = max(1, round(diameter_px)) | 1  # odd, so the disc is centred
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
+
+
+def _clip_box(x0: float, y0: float, x1: float, y1: float, width: int, height: int) -> tuple[int, int, int, int] | None:
+    """Float corner box -> integer (x, y, w, h) inside the frame; None when nothing is left."""
+    xa, ya = max(0, math.floor(x0)), max(0, math.floor(y0))
+    xb, yb = min(width, math.ceil(x1)), min(height, math.ceil(y1))
+    if xb - xa < 1 or yb - ya < 1:
+        return None
+    return int(xa), int(ya), int(xb - xa), int(yb - ya)
+
+
+def find_cells(image_bgr: np.ndarray, um_per_px: float, params: FinderParams = FinderParams()) -> list[Detection]:
+    """Find white cells, platelets and red cells; boxes are in the frame's own pixels.
+
+    Odd frames of the right dtype (blank, black, tiny, grey, BGRA) give [] or what is found;
+    only non-images (wrong dtype or shape) and a non-positive scale raise ValueError.
+    """
+    image = _as_bgr(image_bgr)
+    um_per_px = _check_scale(um_per_px)
+    height, width = image.shape[:2]
+    scale = min(1.0, um_per_px / max(params.work_um_per_px, 1e-6))
+    small_w, small_h = max(1, round(width * scale)), max(1, round(height * scale))
+    if small_w < 8 or small_h < 8:
+        return []  # too small to hold a cell at the working resolution
+    small = cv2.resize(image, (small_w, small_h), interpolation=cv2.INTER_AREA) if scale < 1 else image
+    small = cv2.GaussianBlur(small, (3, 3), 0)
+    sx, sy = width / small_w, height / small_h  # frame pixels per working pixel
+    px_um = um_per_px * (sx + sy) / 2  # micrometres per working pixel
+    blue, green, red = cv2.split(small)
+    stain = cv2.subtract(blue, red, dtype=cv2.CV_16S)
+    stain_bg = float(np.median(stain))
+    excess = stain.astype(np.float32) - stain_bg
+
+    detections: list[Detection] = []
+    nucleus = (excess > params.nucleus_delta).astype(np.uint8)
+    if params.merge_um > 0:
+        nucleus = cv2.morphologyEx(nucleus, cv2.MORPH_CLOSE, _disc(params.merge_um / px_um))
+    count, labels, stats, _centroids = cv2.connectedComponentsWithStats(nucleus, connectivity=8)
+    px_area = px_um * px_um
+    cell_mask = None  # lazily built cytoplasm mask
+    wbc_boxes: list[tuple[float, float, float, float]] = []  # working-pixel corners, for the others
+    for i in range(1, count):
+        x, y, w, h, area = (int(v) for v in stats[i])
+        area_um2 = area * px_area
+        if area_um2 >= params.wbc_min_nucleus_um2:
+            if cell_mask is None:
+                cell_mask = (excess > params.cyto_delta).astype(np.uint8)
+                cell_mask = cv2.morphologyEx(cell_mask, cv2.MORPH_OPEN, _disc(1.0 / px_um))
+            box = _wbc_extent(labels == i, (x, y, w, h), cell_mask, px_um, params)
+            wbc_boxes.append(box)
+            contrast = float(excess[labels == i].mean()) / (2 * max(params.nucleus_delta, 1e-6))
+            size = min(1.0, area_um2 / (2 * max(params.wbc_min_nucleus_um2, 1e-6)))
+            score = float(np.clip(0.5 * min(1.0, contrast) + 0.5 * size, 0, 1))
+            clipped = _clip_box(box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy, width, height)
+            if clipped:
+                detections.append(Detection("wbc", clipped, round(score, 4)))
+
+    detections.extend(_platelets(excess, wbc_boxes, px_um, (sx, sy), (width, height), params))
+
+    if params.find_rbc:
+        detections.extend(_red_cells(green, nucleus, wbc_boxes, px_um, (sx, sy), (width, height), params))
+    return detections
+
+
+def _wbc_extent(nucleus: np.ndarray, box: tuple[int, int, int, int], cell_mask: np.ndarray, px_um: float,
+                params: FinderParams) -> tuple[float, float, float, float]:
+    """Grow a nucleus to its whole cell (the cytoplasm is faintly stained too), within a white cell's
+    largest size around the nucleus centre; VOC boxes and the classifier crops are about the cell."""
+    x, y, w, h = box
+    cx, cy = x + w / 2, y + h / 2
+    radius = params.wbc_max_diameter_um / px_um / 2
+    rows, cols = cell_mask.shape
+    xa, ya = max(0, int(cx - radius)), max(0, int(cy - radius))
+    xb, yb = min(cols, int(math.ceil(cx + radius)) + 1), min(rows, int(math.ceil(cy + radius)) + 1)
+    roi = cell_mask[ya:yb, xa:xb].copy()
+    yy, xx = np.ogrid[ya:yb, xa:xb]
+    roi[(xx - cx) ** 2 + (yy - cy) ** 2 > radius * radius] = 0
+    roi |= nucleus[ya:yb, xa:xb].astype(np.uint8)
+    _n, labels = cv2.connectedComponents(roi, connectivity=8)
+    ids = np.unique(labels[nucleus[ya:yb, xa:xb]])
+    body = np.isin(labels, ids[ids > 0])
+    ys, xs = np.nonzero(body)
+    bx0, bx1, by0, by1 = xs.min() + xa, xs.max() + xa + 1, ys.min() + ya, ys.max() + ya + 1
+    grow = params.wbc_min_grow
+    bx0, bx1 = min(bx0, cx - w * grow / 2), max(bx1, cx + w * grow / 2)
+    by0, by1 = min(by0, cy - h * grow / 2), max(by1, cy + h * grow / 2)
+    return float(bx0), float(by0), float(bx1), float(by1)
+
+
+def _platelets(excess: np.ndarray, wbc_boxes: list[tuple[float, float, float, float]], px_um: float,
+               frame_per_work: tuple[float, float], frame_size: tuple[int, int], params: FinderParams
+               ) -> list[Detection]:
+    """Platelets are small, often faint stained blobs: outline at a low stain level, keep those of
+    platelet size whose core is clearly stained, away from white cells (their granules and lobes)."""
+    mask = (excess > params.platelet_delta).astype(np.uint8)
+    count, labels, stats, centroids = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    if count <= 1:
+        return []
+    peak = np.zeros(count, np.float32)
+    np.maximum.at(peak, labels.ravel(), excess.ravel())
+    sx, sy = frame_per_work
+    width, height = frame_size
+    found = []
+    min_side = params.platelet_box_um / px_um
+    for i in range(1, count):
+        x, y, w, h, area = (int(v) for v in stats[i])
+        diameter = 2 * math.sqrt(area / math.pi) * px_um
+        if peak[i] < params.platelet_peak or not params.platelet_min_um <= diameter <= params.platelet_max_um:
+            continue
+        cx, cy = x + w / 2, y + h / 2
+        if any(b[0] <= cx <= b[2] and b[1] <= cy <= b[3] for b in wbc_boxes):
+            continue
+        half = max(min_side, max(w, h) * params.platelet_box_grow) / 2
+        clipped = _clip_box((cx - half) * sx, (cy - half) * sy, (cx + half) * sx, (cy + half) * sy, width, height)
+        if clipped:
+            score = float(np.clip(peak[i] / (2 * max(params.platelet_peak, 1e-6)), 0, 1))
+            detections_score = round(score, 4)
+            found.append(Detection("platelet", clipped, detections_score))
+    return found
+
+
+def _red_cells(green: np.ndarray, stained: np.ndarray, wbc_boxes: list[tuple[float, float, float, float]],
+               px_um: float, frame_per_work: tuple[float, float], frame_size: tuple[int, int],
+               params: FinderParams) -> list[Detection]:
+    """Red cells absorb green: mask darker-than-background pixels, fill the pale centres, split
+    touching cells at the peaks of the distance transform."""
+    background = float(np.percentile(green, 90))
+    mask = (green.astype(np.float32) < background - params.rbc_delta).astype(np.uint8)
+    mask[stained > 0] = 0
+    for x0, y0, x1, y1 in wbc_boxes:
+        mask[max(0, int(y0)):int(math.ceil(y1)), max(0, int(x0)):int(math.ceil(x1))] = 0
+    min_r = params.rbc_min_diameter_um / px_um / 2
+    max_r = params.rbc_max_diameter_um / px_um / 2
+    # fill central pallor: holes smaller than a red cell
+    inverse = 1 - mask
+    count, labels, stats, _c = cv2.connectedComponentsWithStats(inverse, connectivity=4)
+    rows, cols = mask.shape
+    small_hole = np.zeros(count, bool)
+    for i in range(1, count):
+        x, y, w, h, area = stats[i]
+        small_hole[i] = area < math.pi * max_r * max_r * 0.6 and x > 0 and y > 0 and x + w < cols and y + h < rows
+    mask[small_hole[labels]] = 1
+    mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, _disc(1.0 / px_um))
+    dist = cv2.distanceTransform(mask, cv2.DIST_L2, 3)
+    peaks = (dist >= cv2.dilate(dist, _disc(min_r * 1.5))) & (dist >= min_r * 0.6)
+    count, _labels, stats, centroids = cv2.connectedComponentsWithStats(peaks.astype(np.uint8), connectivity=8)
+    sx, sy = frame_per_work
+    width, height = frame_size
+    found = []
+    nominal = (min_r + max_r) / 2
+    for i in range(1, count):
+        cx, cy = centroids[i]
+        r = float(dist[int(round(cy)), int(round(cx))])
+        half = float(np.clip(r, min_r, max_r))
+        clipped = _clip_box((cx - half) * sx, (cy - half) * sy, (cx + half) * sx, (cy + half) * sy, width, height)
+        if clipped:
+            found.append(Detection("rbc", clipped, round(float(min(1.0, r / nominal)), 4)))
+    return found
+
+
+def background_colour(image_bgr: np.ndarray) -> np.ndarray:
+    """The frame's background (the brightest 30% of pixels are mostly plasma between cells): its median BGR."""
+    image = _as_bgr(image_bgr)
+    if image.size == 0:
+        return np.zeros(3, np.uint8)
+    step = max(1, min(image.shape[:2]) // 120)
+    sample = image[::step, ::step].reshape(-1, 3)
+    grey = sample.astype(np.int32).sum(1)
+    bright = sample[grey >= np.percentile(grey, 70)]
+    return np.median(bright, axis=0).astype(np.uint8)
+
+
+def cut_crops(image_bgr: np.ndarray, boxes: Sequence[tuple[int, int, int, int]], um_per_px: float, field_um: float,
+              size: int) -> np.ndarray:
+    """Cut a field_um-wide square around each box centre and resize it to size x size (INTER_AREA).
+
+    Parts of the square outside the frame are the frame's background colour, not black, so an edge
+    cell looks like the classifier's training crops. Returns uint8 (N, size, size, 3) BGR.
+    """
+    image = _as_bgr(image_bgr)
+    um_per_px = _check_scale(um_per_px)
+    if not (math.isfinite(field_um) and field_um > 0):
+        raise ValueError(f"field_um must be a positive number, got {field_um!r}")
+    if int(size) < 1:
+        raise ValueError(f"size must be >= 1, got {size!r}")
+    size = int(size)
+    out = np.empty((len(boxes), size, size, 3), np.uint8)
+    if not len(boxes):
+        return out
+    fill = background_colour(image)
+    height, width = image.shape[:2]
+    side = max(1, round(field_um / um_per_px))
+    for n, (x, y, w, h) in enumerate(boxes):
+        x0 = round(x + w / 2 - side / 2)
+        y0 = round(y + h / 2 - side / 2)
+        xa, ya, xb, yb = max(0, x0), max(0, y0), min(width, x0 + side), min(height, y0 + side)
+        if xa == x0 and ya == y0 and xb == x0 + side and yb == y0 + side:
+            square = image[ya:yb, xa:xb]
+        else:
+            square = np.empty((side, side, 3), np.uint8)
+            square[:] = fill
+            if xb > xa and yb > ya:
+                square[ya - y0:yb - y0, xa - x0:xb - x0] = image[ya:yb, xa:xb]
+        out[n] = cv2.resize(square, (size, size), interpolation=cv2.INTER_AREA)
+    return out

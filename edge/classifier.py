@@ -1,0 +1,80 @@
+"""The one interface every classifier backend implements, and what all backends share.
+
+Backends (ONNX Runtime on the CPU, TensorRT on the Jetson) differ only in how they run the network;
+preprocessing and turning network outputs into probabilities, uncertainty and anomaly scores live
+here, so a model gives the same answers whichever backend runs it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from edge.modelmeta import ModelMetadata
+
+
+@dataclass(frozen=True)
+class Predictions:
+    probs: np.ndarray  # (N, C) calibrated class probabilities
+    uncertainty: np.ndarray  # (N,) 0 = sure .. 1 = unsure
+    anomaly: np.ndarray  # (N,) 0 = typical .. 1 = unlike the training classes
+
+    @classmethod
+    def empty(cls, num_classes: int) -> Predictions:
+        return cls(np.zeros((0, num_classes), np.float32), np.zeros(0, np.float32), np.zeros(0, np.float32))
+
+    def __len__(self) -> int:
+        return len(self.probs)
+
+
+class Classifier(Protocol):
+    metadata: ModelMetadata
+    model_id: str
+    path: Path
+
+    def classify(self, crops_bgr: np.ndarray) -> Predictions:
+        """Classify a batch of crops (N, S, S, 3) uint8 BGR at the model's input size and scale."""
+        ...
+
+
+def check_batch(crops_bgr: np.ndarray, size: int) -> None:
+    """Refuse a wrongly shaped batch with a message that says what was expected."""
+    if not isinstance(crops_bgr, np.ndarray) or crops_bgr.dtype != np.uint8:
+        raise ValueError("crops must be a uint8 numpy array")
+    if crops_bgr.ndim != 4 or crops_bgr.shape[1:] != (size, size, 3):
+        raise ValueError(f"crops must have shape (N, {size}, {size}, 3); got {tuple(crops_bgr.shape)}")
+
+
+def preprocess(crops_bgr: np.ndarray, meta: ModelMetadata) -> np.ndarray:
+    """uint8 BGR NHWC -> normalised float32 NCHW in the model's channel order."""
+    batch = crops_bgr[..., ::-1] if meta.channel_order == "RGB" else crops_bgr
+    scale = 1.0 / (255.0 * np.asarray(meta.std, np.float32))
+    offset = np.asarray(meta.mean, np.float32) / np.asarray(meta.std, np.float32)
+    normalised = batch.astype(np.float32) * scale - offset
+    return np.ascontiguousarray(normalised.transpose(0, 3, 1, 2))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def scores_from_outputs(outputs: dict[str, np.ndarray], meta: ModelMetadata) -> Predictions:
+    """Calibrated probabilities plus uncertainty/anomaly: from the model's heads when it has them,
+    otherwise the baseline measures (normalised entropy, 1 - max probability)."""
+    logits = outputs[meta.logits_output].astype(np.float32)
+    probs = softmax(logits / np.float32(meta.temperature))
+    if meta.uncertainty_output:
+        uncertainty = np.clip(outputs[meta.uncertainty_output].reshape(-1), 0.0, 1.0)
+    else:
+        entropy = -(probs * np.log(np.clip(probs, 1e-12, 1.0))).sum(axis=1)
+        uncertainty = entropy / np.log(probs.shape[1])
+    if meta.anomaly_output:
+        anomaly = np.clip(outputs[meta.anomaly_output].reshape(-1), 0.0, 1.0)
+    else:
+        anomaly = 1.0 - probs.max(axis=1)
+    return Predictions(probs.astype(np.float32), uncertainty.astype(np.float32), anomaly.astype(np.float32))

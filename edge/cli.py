@@ -1,0 +1,155 @@
+"""The `cytoedge` command. User errors end in one line on stderr and a documented exit code:
+0 ok, 1 runtime problem (model, source, port), 2 bad config or usage, 130 interrupted."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from edge import __version__
+from edge.errors import CytoedgeError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _add_model_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="ONNX model file (default: the bundled model or model.path in config)")
+
+
+def _add_config_flag(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    parser.add_argument("--config", required=required, help="TOML config file (defaults are built in)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cytoedge", description="Find, classify and publish blood cells at the microscope."
+    )
+    parser.add_argument("--version", action="version", version=f"cytoedge {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    replay = commands.add_parser("replay", help="replay recorded frames through the pipeline and publish")
+    replay.add_argument("path", help="folder of images, video file, or recorded session folder")
+    replay.add_argument("--publish", metavar="ENDPOINT", help="ZeroMQ endpoint to bind (default tcp://127.0.0.1:5555)")
+    replay.add_argument("--pace", choices=("recorded", "max"), help="recorded timing (default) or as fast as possible")
+    replay.add_argument("--fps", type=float, help="pace for folders of images (default 5)")
+    replay.add_argument("--loop", action="store_true", default=None, help="start again at the end")
+    replay.add_argument("--audit", metavar="FILE", help="append every cells message to this JSON Lines file")
+    _add_model_flag(replay)
+    _add_config_flag(replay)
+    replay.set_defaults(handler=_lazy("edge.commands.pipeline_cmds", "replay"))
+
+    run = commands.add_parser("run", help="the service: run the source named in the config")
+    _add_config_flag(run, required=False)
+    _add_model_flag(run)
+    run.set_defaults(handler=_lazy("edge.commands.pipeline_cmds", "run"))
+
+    watch = commands.add_parser("watch", help="print a live differential count from a publisher")
+    watch.add_argument("endpoint", help="publisher endpoint, e.g. tcp://127.0.0.1:5555")
+    watch.add_argument("--exit-on-end", action="store_true", help="exit when the publisher sends its final status")
+    watch.add_argument(
+        "--timeout",
+        type=float,
+        default=0.0,
+        help="exit with code 1 if nothing arrives for this many seconds (0 = wait forever)",
+    )
+    watch.set_defaults(handler=_lazy("edge.commands.watch", "main"))
+
+    status = commands.add_parser("status", help="one-shot health of a running publisher (exit 0 healthy)")
+    status.add_argument("endpoint", help="publisher endpoint, e.g. tcp://127.0.0.1:5555")
+    status.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for a status (default 3)")
+    status.add_argument("--strict", action="store_true", help="treat any warning as degraded")
+    status.add_argument("--json", action="store_true", help="print the status message as JSON")
+    status.set_defaults(handler=_lazy("edge.commands.status", "main"))
+
+    classify = commands.add_parser("classify", help="classify single-cell images (one cell per image)")
+    classify.add_argument("paths", nargs="+", help="image files or folders of them")
+    classify.add_argument("--json", action="store_true", help="one JSON object per image (default: a table)")
+    classify.add_argument(
+        "--um-per-px",
+        type=float,
+        help="scale of the images; crops the model's field from the centre (default: "
+        "each image already covers the model's field, as in the PBC crops)",
+    )
+    _add_model_flag(classify)
+    _add_config_flag(classify)
+    classify.set_defaults(handler=_lazy("edge.commands.classify", "main"))
+
+    bench = commands.add_parser("bench", help="replay as fast as possible and print throughput and latency")
+    bench.add_argument("path", nargs="?", help="what to replay (default: the bundled samples)")
+    bench.add_argument("--frames", type=int, default=400, help="frames to process, looping the input (default 400)")
+    bench.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_model_flag(bench)
+    _add_config_flag(bench)
+    bench.set_defaults(handler=_lazy("edge.commands.bench", "main"))
+
+    annotate = commands.add_parser("annotate", help="draw one frame's cells and labels into an image file")
+    annotate.add_argument("frame", help="a smear frame (image file)")
+    annotate.add_argument("--out", required=True, help="image to write (format from the suffix)")
+    annotate.add_argument("--um-per-px", type=float, help="scale of the frame (default: microscope.um_per_px)")
+    annotate.add_argument("--show-rbc", action="store_true", help="draw red-cell boxes too")
+    annotate.add_argument("--json", action="store_true", help="also print the cell records as JSON")
+    _add_model_flag(annotate)
+    _add_config_flag(annotate)
+    annotate.set_defaults(handler=_lazy("edge.commands.annotate", "main"))
+
+    config = commands.add_parser("config", help="check or show configuration")
+    config_commands = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    check = config_commands.add_parser("check", help="validate a config file")
+    check.add_argument("file")
+    check.set_defaults(handler=_lazy("edge.commands.config_cmds", "check"))
+    show = config_commands.add_parser("show", help="print the effective config (defaults + file)")
+    show.add_argument("file", nargs="?", help="config file to overlay on the defaults")
+    show.set_defaults(handler=_lazy("edge.commands.config_cmds", "show"))
+
+    _add_optional_commands(commands)
+    return parser
+
+
+def _add_optional_commands(commands: argparse._SubParsersAction) -> None:
+    """Commands whose modules may be absent in a trimmed build register themselves here."""
+    try:
+        from edge.display import server as display_server
+    except ImportError:
+        return
+    display = commands.add_parser("display", help="serve the bench display page for a publisher")
+    display_server.add_arguments(display)
+    display.set_defaults(handler=display_server.run)
+
+
+def _lazy(module: str, name: str) -> Handler:
+    """Import command modules only when used, so `cytoedge --help` stays fast on a Jetson."""
+
+    def handler(args: argparse.Namespace) -> int:
+        import importlib
+
+        return getattr(importlib.import_module(module), name)(args)
+
+    return handler
+
+
+def _configure_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else logging.DEBUG if verbose > 1 else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose, args.quiet)
+    try:
+        return int(args.handler(args))
+    except CytoedgeError as exc:
+        print(f"cytoedge: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

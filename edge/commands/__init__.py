@@ -1,0 +1,1 @@
+"""One module per CLI command group, imported only when that command runs."""

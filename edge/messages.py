@@ -1,0 +1,97 @@
+"""The wire contract between the publisher and every subscriber (see docs/messages.md).
+
+Each message is a ZeroMQ multipart ``[topic, msgpack payload]``. Payloads are plain maps of
+strings, numbers, lists, booleans, None and (for images) bytes: no pickle on the wire.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+TOPIC_CELLS = b"cells"
+TOPIC_STATUS = b"status"
+TOPIC_PREVIEW = b"preview"
+TOPIC_THUMB = b"thumb"
+TOPICS = (TOPIC_CELLS, TOPIC_STATUS, TOPIC_PREVIEW, TOPIC_THUMB)
+
+SCHEMA_CELLS = "cytoedge.cells/1"
+SCHEMA_STATUS = "cytoedge.status/1"
+SCHEMA_PREVIEW = "cytoedge.preview/1"
+SCHEMA_THUMB = "cytoedge.thumb/1"
+SCHEMA_BY_TOPIC = {
+    TOPIC_CELLS: SCHEMA_CELLS,
+    TOPIC_STATUS: SCHEMA_STATUS,
+    TOPIC_PREVIEW: SCHEMA_PREVIEW,
+    TOPIC_THUMB: SCHEMA_THUMB,
+}
+
+# Fields a subscriber may rely on; anything else is optional and may grow within a schema version.
+REQUIRED_FIELDS = {
+    SCHEMA_CELLS: ("schema", "run", "seq", "frame_id", "captured_at", "published_at", "source", "model", "cells"),
+    SCHEMA_STATUS: (
+        "schema",
+        "run",
+        "seq",
+        "published_at",
+        "state",
+        "source_state",
+        "fps",
+        "frames",
+        "latency_ms",
+        "model",
+    ),
+    SCHEMA_PREVIEW: ("schema", "run", "seq", "frame_id", "jpeg", "width", "height"),
+    SCHEMA_THUMB: ("schema", "run", "seq", "frame_id", "cell_id", "label", "top", "jpeg"),
+}
+CELL_FIELDS = ("id", "bbox", "kind", "label", "probs", "uncertainty", "anomaly", "review")
+CELL_KINDS = ("wbc", "rbc", "platelet")
+
+
+class MessageError(ValueError):
+    """A message that does not follow the contract; subscribers count and skip it."""
+
+
+def encode(payload: dict[str, Any]) -> bytes:
+    return msgpack.packb(payload, use_bin_type=True)
+
+
+def decode(topic: bytes, data: bytes, max_bytes: int = 8 << 20) -> dict[str, Any]:
+    """Decode and check one payload; raise MessageError rather than hand on something malformed."""
+    if len(data) > max_bytes:
+        raise MessageError(f"{topic!r} payload of {len(data)} bytes exceeds the {max_bytes}-byte limit")
+    expected = SCHEMA_BY_TOPIC.get(topic)
+    if expected is None:
+        raise MessageError(f"unknown topic {topic!r}")
+    try:
+        payload = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types for bad bytes
+        raise MessageError(f"{topic!r} payload is not valid msgpack ({type(exc).__name__})") from None
+    if not isinstance(payload, dict):
+        raise MessageError(f"{topic!r} payload is not a map")
+    schema = payload.get("schema")
+    if schema != expected:
+        raise MessageError(f"{topic!r} payload has schema {schema!r}, expected {expected!r}")
+    missing = [name for name in REQUIRED_FIELDS[expected] if name not in payload]
+    if missing:
+        raise MessageError(f"{topic!r} payload lacks {', '.join(missing)}")
+    if expected == SCHEMA_CELLS:
+        _check_cells(payload["cells"])
+    return payload
+
+
+def _check_cells(cells: Any) -> None:
+    if not isinstance(cells, list):
+        raise MessageError("'cells' must be a list")
+    for cell in cells:
+        if not isinstance(cell, dict):
+            raise MessageError("each cell must be a map")
+        missing = [name for name in CELL_FIELDS if name not in cell]
+        if missing:
+            raise MessageError(f"cell lacks {', '.join(missing)}")
+        if cell["kind"] not in CELL_KINDS:
+            raise MessageError(f"cell kind {cell['kind']!r} is not one of {', '.join(CELL_KINDS)}")
+        bbox = cell["bbox"]
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, int) for v in bbox)):
+            raise MessageError("cell bbox must be four integers [x, y, width, height]")

@@ -1,0 +1,68 @@
+"""ONNX Runtime backend: the CPU default on every device, and the reference the others must match."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from edge.classifier import Predictions, check_batch, preprocess, scores_from_outputs
+from edge.errors import ModelError
+from edge.modelmeta import METADATA_KEY, ModelMetadata, file_sha256, parse_metadata
+
+log = logging.getLogger(__name__)
+
+
+def read_onnx_metadata(session: object, path: Path) -> ModelMetadata:
+    custom = session.get_modelmeta().custom_metadata_map  # type: ignore[attr-defined]
+    if METADATA_KEY not in custom:
+        raise ModelError(f"{path}: not a cytoedge model (no '{METADATA_KEY}' metadata; export it with engines/)")
+    return parse_metadata(custom[METADATA_KEY], str(path))
+
+
+def model_id(meta: ModelMetadata, sha256: str) -> str:
+    return f"{meta.name}-{meta.version}@{sha256[:12]}"
+
+
+class OnnxRuntimeClassifier:
+    """Runs a whole frame's crops as one batch; thread count is bounded so capture keeps a core."""
+
+    def __init__(self, path: Path, threads: int = 2) -> None:
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ModelError(f"model file not found: {self.path}")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        try:
+            self._session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own exception types for unreadable models
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"cannot load model {self.path}: {first_line[:300]}") from None
+        self.metadata = read_onnx_metadata(self._session, self.path)
+        self.sha256 = file_sha256(self.path)
+        self.model_id = model_id(self.metadata, self.sha256)
+        names = {o.name for o in self._session.get_outputs()}
+        wanted = [
+            n
+            for n in (self.metadata.logits_output, self.metadata.uncertainty_output, self.metadata.anomaly_output)
+            if n
+        ]
+        missing = [n for n in wanted if n not in names]
+        if missing:
+            raise ModelError(f"{self.path}: metadata names outputs {missing} that the network does not have")
+        self._outputs = wanted
+        log.info("loaded model %s (%s)", self.model_id, self.path)
+
+    def classify(self, crops_bgr: np.ndarray) -> Predictions:
+        size = self.metadata.input_size
+        check_batch(crops_bgr, size)
+        if len(crops_bgr) == 0:
+            return Predictions.empty(len(self.metadata.classes))
+        feed = {self.metadata.input_name: preprocess(crops_bgr, self.metadata)}
+        values = self._session.run(self._outputs, feed)
+        return scores_from_outputs(dict(zip(self._outputs, values, strict=True)), self.metadata)

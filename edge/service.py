@@ -1,0 +1,66 @@
+"""Assembling a running pipeline from a config: the one path shared by `run`, `replay` and `bench`.
+
+Everything that can fail because of the user's input (config, model, source, port) is opened
+before the first message is published, so a bad start publishes nothing at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+
+from edge.audit import AuditLog
+from edge.config import Config
+from edge.models import open_classifier
+from edge.pipeline import Notifier, Pipeline, Settings
+from edge.publisher import Publisher
+from edge.sources import open_source
+
+log = logging.getLogger(__name__)
+
+
+def build_pipeline(
+    config: Config, notifier: Notifier | None = None, source: object | None = None, latency_window: int = 1000
+) -> Pipeline:
+    settings = Settings.from_config(config)
+    classifier = open_classifier(config["model"]["path"], config["model"]["backend"], config["model"]["threads"])
+    frame_source = source if source is not None else open_source(config)
+    audit = AuditLog(Path(config["audit"]["path"])) if config["audit"]["path"] else None
+    publisher = Publisher(config["publish"]["endpoint"], config["publish"]["send_hwm"])
+    return Pipeline(
+        frame_source,
+        classifier,
+        publisher,
+        settings,
+        audit=audit,
+        notifier=notifier,  # type: ignore[arg-type]
+        latency_window=latency_window,
+    )
+
+
+def run_pipeline(pipeline: Pipeline, on_reload: Callable[[], None] | None = None) -> int:
+    """Run with SIGINT/SIGTERM finishing the frame in flight, and SIGHUP calling ``on_reload``."""
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s: finishing the frame in flight", signal.Signals(signum).name)
+        pipeline.request_stop()
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    if on_reload is not None:
+        # Loading a model can take a while (an engine build, minutes): do it off the loop, then swap.
+        def reload(_signum: int, _frame: FrameType | None) -> None:
+            threading.Thread(target=on_reload, name="reload", daemon=True).start()
+
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, reload)
+    try:
+        return pipeline.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if pipeline.audit is not None:
+            pipeline.audit.close()
+        pipeline.publisher.close()

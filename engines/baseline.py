@@ -1,0 +1,345 @@
+"""The baseline classifier: a small ResNet trained on PBC crops on the CPU, then exported and carded.
+
+Rebuild the shipped model (about 15 minutes on two cores)::
+
+    python -m engines.baseline train --data /work/shared/data/pbc --out engines/models/baseline-cnn
+
+``--preset smoke`` trains on a tiny subset in about a minute (CI). A run checkpoints every epoch
+under ``.cache/baseline/``; ``--resume`` continues an interrupted run with the same data order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engines import pbc
+
+INPUT_SIZE = 64
+# PBC crops are 144 px over a ~36 µm field (see docs/models.md for the red-cell measurement).
+FIELD_UM = 36.0
+SCALE_NOTE = (
+    "36 µm field (0.5625 µm/px at 64 px; 0.25 µm/px in the 144 px crops). Checked with "
+    "engines.pbc.measure_red_cell_px: isolated red cells are 29.5-31 px across (median; 60 neutrophil and "
+    "60 lymphocyte crops, n=256 cells), i.e. 0.24-0.25 µm/px for a 7.5 µm red cell, a 35-37 µm field."
+)
+
+
+# --------------------------------------------------------------------------------------------- model
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with a residual path; a 1x1 projection when the shape changes."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return F.relu(y + self.shortcut(x))
+
+
+class BaselineCNN(nn.Module):
+    """ResNet-style net for 64 px crops: a stride-2 stem (full-resolution convolutions cost 4x on a CPU
+    for little gain at this size), four residual stages, global average pooling, linear logits."""
+
+    def __init__(self, num_classes: int, stem: int = 24, widths: tuple[int, ...] = (32, 64, 128, 192)) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, stem, 3, 2, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU())
+        blocks, cin = [], stem
+        for i, width in enumerate(widths):
+            blocks.append(BasicBlock(cin, width, 1 if i == 0 else 2))
+            cin = width
+        self.blocks = nn.Sequential(*blocks)
+        self.dropout = nn.Dropout(0.1)
+        self.head = nn.Linear(cin, num_classes)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.stem(image))
+        return self.head(self.dropout(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)))
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------------- augmentation
+def _hue_matrices(angles: torch.Tensor) -> torch.Tensor:
+    """RGB rotation about the grey axis: a cheap, linear hue shift that keeps grey grey."""
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    third, root = 1.0 / 3.0, math.sqrt(1.0 / 3.0)
+    a = cos + (1.0 - cos) * third
+    b = third * (1.0 - cos) - root * sin
+    c = third * (1.0 - cos) + root * sin
+    rows = [torch.stack(r, -1) for r in ((a, b, c), (c, a, b), (b, c, a))]
+    return torch.stack(rows, -2)  # (N, 3, 3)
+
+
+def augment(x: torch.Tensor, gen: torch.Generator, shift: int = 3) -> torch.Tensor:
+    """Light, label-preserving changes for (N, 3, H, W) RGB in [0, 1]: the dihedral group (cells have no
+    up or down), a few pixels of shift (the finder's crops are not perfectly centred), and small
+    brightness/contrast/hue jitter (lamp and stain vary between slides)."""
+    n = x.shape[0]
+    rand = torch.rand(n, 3, generator=gen)
+    x = torch.where((rand[:, 0] < 0.5).view(-1, 1, 1, 1), x.flip(-1), x)
+    x = torch.where((rand[:, 1] < 0.5).view(-1, 1, 1, 1), x.flip(-2), x)
+    x = torch.where((rand[:, 2] < 0.5).view(-1, 1, 1, 1), x.transpose(-1, -2), x)
+    if shift:
+        size = x.shape[-1]
+        padded = F.pad(x, (shift, shift, shift, shift), mode="replicate")
+        offsets = torch.randint(0, 2 * shift + 1, (n, 2), generator=gen)
+        x = torch.stack([padded[i, :, oy:oy + size, ox:ox + size] for i, (oy, ox) in enumerate(offsets.tolist())])
+    jitter = torch.rand(n, 3, generator=gen) * 2 - 1
+    brightness = (1 + 0.10 * jitter[:, 0]).view(-1, 1, 1, 1)
+    contrast = (1 + 0.10 * jitter[:, 1]).view(-1, 1, 1, 1)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = (x - mean) * contrast + mean * brightness
+    hue = _hue_matrices(jitter[:, 2] * 0.05 * math.pi)  # up to ±9 degrees
+    x = torch.einsum("nij,njhw->nihw", hue, x)
+    return x.clamp_(0.0, 1.0)
+
+
+# ----------------------------------------------------------------------------------------- training
+@dataclass
+class TrainConfig:
+    epochs: int = 45
+    batch_size: int = 128
+    lr: float = 3e-3
+    weight_decay: float = 0.05
+    seed: int = 0
+    threads: int = 2
+    stem: int = 24
+    widths: tuple[int, ...] = (32, 64, 128, 192)
+    exclude_classes: list[str] = field(default_factory=list)
+    # Smoke runs: at most this many crops per class and split (0 = all).
+    per_class_limit: int = 0
+
+
+@dataclass
+class PreparedData:
+    classes: list[str]
+    mean: list[float]
+    std: list[float]
+    images: dict[str, np.ndarray]  # split -> (N, S, S, 3) uint8 BGR, the runtime's input
+    labels: dict[str, np.ndarray]  # split -> (N,) int64
+    paths: dict[str, list[str]]
+    split_summary: dict
+
+
+def prepare_data(root: Path, cfg: TrainConfig, size: int = INPUT_SIZE) -> PreparedData:
+    """Decode (cached), split with the shared split, drop excluded classes, fit mean/std on train."""
+    samples = pbc.read_manifest(root)
+    split = pbc.split_pbc(samples, pbc.SPLIT_SEED)
+    summary = pbc.split_summary(samples, split)
+    classes = [c for c in pbc.CLASSES if c not in set(cfg.exclude_classes)]
+    index = {c: i for i, c in enumerate(classes)}
+    images_all = pbc.load_images(root, samples, size)
+    images, labels, paths = {}, {}, {}
+    for name in pbc.SPLITS:
+        chosen: list[int] = []
+        taken: dict[str, int] = {}
+        for i, sample in enumerate(samples):
+            if split[sample.path] != name or sample.label not in index:
+                continue
+            if cfg.per_class_limit and taken.get(sample.label, 0) >= cfg.per_class_limit:
+                continue
+            taken[sample.label] = taken.get(sample.label, 0) + 1
+            chosen.append(i)
+        images[name] = images_all[chosen]
+        labels[name] = np.array([index[samples[i].label] for i in chosen], np.int64)
+        paths[name] = [samples[i].path for i in chosen]
+    rgb = images["train"][..., ::-1].reshape(-1, 3).astype(np.float64) / 255.0
+    mean = [round(float(v), 4) for v in rgb.mean(0)]
+    std = [round(float(v), 4) for v in rgb.std(0)]
+    return PreparedData(classes, mean, std, images, labels, paths, summary)
+
+
+def to_tensor(batch_bgr: np.ndarray) -> torch.Tensor:
+    """uint8 BGR NHWC -> float RGB NCHW in [0, 1]; normalisation is a separate step (see ``normalise``)."""
+    rgb = np.ascontiguousarray(batch_bgr[..., ::-1].transpose(0, 3, 1, 2))
+    return torch.from_numpy(rgb).float().div_(255.0)
+
+
+def normalise(x: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images_bgr: np.ndarray, mean: list[float], std: list[float],
+                   batch: int = 256) -> np.ndarray:
+    """Torch-side logits, used only for progress lines; the card's figures come from the ONNX file."""
+    model.eval()
+    out = [model(normalise(to_tensor(images_bgr[i:i + batch]), mean, std)).numpy()
+           for i in range(0, len(images_bgr), batch)]
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def run_key(cfg: TrainConfig, data: PreparedData) -> str:
+    import hashlib
+
+    text = json.dumps({"cfg": asdict(cfg), "split": data.split_summary["sha256"],
+                       "n": {k: len(v) for k, v in data.labels.items()}}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def train(root: Path, cfg: TrainConfig, checkpoint_dir: Path, resume: bool = False,
+          log=print) -> tuple[nn.Module, PreparedData, dict]:
+    """Train with fixed seeds, one checkpoint per epoch; returns the model, its data and a history."""
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    data = prepare_data(root, cfg)
+    model = BaselineCNN(len(data.classes), cfg.stem, cfg.widths).to(memory_format=torch.channels_last)
+    train_x, train_y = data.images["train"], torch.from_numpy(data.labels["train"])
+    steps_per_epoch = max(1, math.ceil(len(train_x) / cfg.batch_size))
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    optimiser = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=cfg.lr, epochs=cfg.epochs,
+                                                    steps_per_epoch=steps_per_epoch, pct_start=0.15)
+    ckpt_path = Path(checkpoint_dir) / f"run-{run_key(cfg, data)}.pt"
+    history: dict = {"epochs": [], "checkpoint": str(ckpt_path)}
+    start = 0
+    if resume and ckpt_path.is_file():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        optimiser.load_state_dict(state["optimiser"])
+        scheduler.load_state_dict(state["scheduler"])
+        start, history = state["epoch"], state["history"]
+        log(f"resumed from {ckpt_path} after epoch {start}")
+    log(f"training {count_params(model):,} params on {len(train_x)} crops, "
+        f"{len(data.labels['val'])} val, classes {data.classes}, checkpoint {ckpt_path}")
+    for epoch in range(start, cfg.epochs):
+        began = time.time()
+        model.train()
+        # Data order depends only on (seed, epoch), so a resumed run repeats what it would have done.
+        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+        order = torch.randperm(len(train_x), generator=gen)
+        total, correct, loss_sum = 0, 0, 0.0
+        for step in range(steps_per_epoch):
+            idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            if len(idx) < 2:
+                continue
+            x = augment(to_tensor(train_x[idx.numpy()]), gen)
+            x = normalise(x, data.mean, data.std).contiguous(memory_format=torch.channels_last)
+            y = train_y[idx]
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            scheduler.step()
+            total += len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            loss_sum += loss.item() * len(y)
+        val_logits = predict_logits(model, data.images["val"], data.mean, data.std)
+        val_acc = float((val_logits.argmax(1) == data.labels["val"]).mean()) if len(val_logits) else float("nan")
+        row = {"epoch": epoch + 1, "loss": loss_sum / max(total, 1), "train_acc": correct / max(total, 1),
+               "val_acc": val_acc, "seconds": time.time() - began}
+        history["epochs"].append(row)
+        log(f"epoch {epoch + 1}/{cfg.epochs} loss {row['loss']:.4f} train_acc {row['train_acc']:.4f} "
+            f"val_acc {val_acc:.4f} lr {scheduler.get_last_lr()[0]:.2e} {row['seconds']:.1f}s")
+        ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = ckpt_path.with_suffix(".pt.tmp")
+        torch.save({"model": model.state_dict(), "optimiser": optimiser.state_dict(),
+                    "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": history}, tmp)
+        tmp.replace(ckpt_path)
+    model.eval()
+    return model, data, history
+
+
+# ------------------------------------------------------------------------------------------ presets
+PRESETS: dict[str, dict] = {
+    "full": {"epochs": 45},
+    # About a minute end to end on two cores: enough to prove the pipeline, not to learn much.
+    "smoke": {"epochs": 3, "per_class_limit": 64, "batch_size": 64},
+}
+
+
+def build(args: argparse.Namespace) -> int:
+    """Train, export to ONNX, fit the temperature on val, evaluate the ONNX file on test, write the card."""
+    overrides = dict(PRESETS[args.preset])
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
+    cfg = TrainConfig(**overrides, seed=args.seed, threads=args.threads,
+                      exclude_classes=sorted(args.exclude or []))
+    root = pbc.data_dir(args.data)
+    if not (root / "manifest.csv").is_file():
+        print(f"no PBC data at {root} (set --data or CYTOEDGE_PBC)", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    began = time.time()
+    model, data, history = train(root, cfg, pbc.REPO_ROOT / ".cache" / "baseline", resume=args.resume)
+    from engines import evaluate, export  # after training, so a broken exporter never costs a run
+
+    train_seconds = sum(row["seconds"] for row in history["epochs"])
+    meta = export.make_metadata(
+        name=args.name, version=args.version, classes=data.classes, input_size=INPUT_SIZE,
+        mean=data.mean, std=data.std, field_um=FIELD_UM, kind="baseline",
+    )
+    onnx_path = out / "model.onnx"
+    export.export_onnx(model, onnx_path, meta)
+    temperature = evaluate.fit_temperature(evaluate.onnx_logits(onnx_path, data.images["val"]), data.labels["val"])
+    meta = export.replace(meta, temperature=round(temperature, 4))
+    export.write_metadata(onnx_path, meta)
+    print(f"exported {onnx_path} ({onnx_path.stat().st_size / 1e6:.2f} MB), temperature {meta.temperature}")
+    # The command that rebuilds this model; --resume only skips finished epochs, so it is left out.
+    command = " ".join(["python -m engines.baseline", *[a for a in sys.argv[1:] if a != "--resume"]])
+    training = {
+        "command": command, "preset": args.preset, "config": asdict(cfg), "params": count_params(model),
+        "train_seconds": round(train_seconds, 1), "wall_seconds": round(time.time() - began, 1),
+        "history": history["epochs"], "threads": cfg.threads, "scale": SCALE_NOTE,
+        "architecture": (f"ResNet-style: 3x3/2 stem ({cfg.stem} ch), BasicBlocks {list(cfg.widths)} "
+                         "(stride 1,2,2,2), global average pool, dropout 0.1, linear"),
+        "optimiser": f"AdamW lr {cfg.lr} wd {cfg.weight_decay}, one-cycle, batch {cfg.batch_size}, "
+                     f"{cfg.epochs} epochs, cross-entropy",
+        "augmentation": "flips, transpose (90° rotations), ±3 px shift, brightness/contrast ±10%, hue ±9°",
+    }
+    report = evaluate.evaluate_onnx(onnx_path, data.images["test"], data.labels["test"],
+                                    timing_repeats=args.timing_repeats)
+    evaluate.write_card(out, onnx_path, report, training, data.split_summary)
+    pbc.atomic_write_json(out / "split.json", data.split_summary)
+    print(evaluate.summary_line(report))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engines.baseline", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train, export, calibrate, evaluate and write the model card")
+    p.add_argument("--data", default=None, help="PBC folder (default $CYTOEDGE_PBC or ../shared/data/pbc)")
+    p.add_argument("--out", required=True, help="model folder to write (model.onnx, card.md, card.json)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="full")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--exclude", action="append", choices=pbc.CLASSES, help="hold a class out (repeatable)")
+    p.add_argument("--name", default="baseline-cnn")
+    p.add_argument("--version", default="1.0.0")
+    p.add_argument("--timing-repeats", type=int, default=20)
+    p.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint")
+    args = parser.parse_args(argv)
+    if args.preset == "smoke" and args.timing_repeats == 20:
+        args.timing_repeats = 3
+    return build(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Set up a fresh virtual environment and run the whole test suite (what CI runs).
+# Usage: scripts/test.sh [pytest args...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${CYTOEDGE_VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+
+if [ ! -x "$VENV/bin/python" ]; then
+    "$PYTHON" -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install --quiet --upgrade pip
+# torch==2.13.0 (CPU build) comes with the [train] extra for the training smoke runs.
+"$VENV/bin/python" -m pip install --quiet -e ".[test,train]"
+
+# The bench-display tests drive a real headless Chromium; install Debian's when we are allowed to.
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing Debian's chromium for the browser tests"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+        || echo "could not install chromium: browser tests will skip"
+fi
+
+"$VENV/bin/ruff" check .
+"$VENV/bin/python" -m pytest -q "$@"

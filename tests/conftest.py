@@ -1,0 +1,54 @@
+"""Shared fixtures: real files, real sockets on loopback, the real `cytoedge` command."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "samples" / "bccd"
+SHARED_DATA = Path(os.environ.get("CYTOEDGE_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run_cli(*args: str, timeout: float = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real command in a child process, as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "edge", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.fixture
+def endpoint() -> str:
+    return f"tcp://127.0.0.1:{free_port()}"
+
+
+@pytest.fixture(scope="session")
+def bccd_dir() -> Path:
+    path = SHARED_DATA / "bccd" / "BCCD"
+    if not path.is_dir():
+        pytest.skip(f"full BCCD data not found at {path} (set CYTOEDGE_SHARED_DATA)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def pbc_dir() -> Path:
+    path = SHARED_DATA / "pbc"
+    if not path.is_dir():
+        pytest.skip(f"PBC data not found at {path} (set CYTOEDGE_SHARED_DATA)")
+    return path
