@@ -25,17 +25,21 @@ class FinderParams:
     levels (0..255) above the frame's background level (the median B - R of the frame)."""
 
     work_um_per_px: float = 0.3  # resolution the finder works at (frames are downscaled to it, never up)
+    background_percentile: float = 75.0  # pixels brighter (in green) than this percentile are background
     nucleus_delta: float = 40.0  # stain above background that marks nucleus / platelet pixels
     merge_um: float = 2.0  # closing diameter that joins the lobes of one nucleus
     wbc_min_nucleus_um2: float = 15.0  # smallest stained area that counts as a white-cell nucleus
+    wbc_min_part_um2: float = 4.0  # smallest stained fragment that may be joined to a nucleus
+    lobe_gap_um: float = 3.0  # fragments this close (box to box) belong to one nucleus ...
+    wbc_max_nucleus_um: float = 16.0  # ... as long as the joined nucleus is no wider than this
     wbc_max_diameter_um: float = 22.0  # largest white cell (limits how far the cell body may grow)
     cyto_delta: float = 12.0  # stain above background that marks white-cell cytoplasm
     wbc_min_grow: float = 1.15  # the cell box is at least the nucleus box times this, per side
-    platelet_delta: float = 20.0  # stain above background that outlines a platelet
-    platelet_peak: float = 35.0  # ... and that its most stained pixel must reach
+    platelet_delta: float = 25.0  # stain above background that outlines a platelet
+    platelet_peak: float = 32.0  # ... and that its most stained pixel must reach
     platelet_min_um: float = 1.0  # platelet stained-blob equivalent diameter range
     platelet_max_um: float = 4.5
-    platelet_box_um: float = 2.9  # smallest platelet box side (the stained blob is its granulomere only)
+    platelet_box_um: float = 2.8  # smallest platelet box side (the stained blob is its granulomere only)
     platelet_box_grow: float = 1.2  # platelet box = stained blob box times this, if larger
     rbc_delta: float = 18.0  # green-channel darkening below background that marks red-cell pixels
     rbc_min_diameter_um: float = 5.0  # red-cell diameter range (distance-transform peaks outside it are dropped)
@@ -113,7 +117,10 @@ def find_cells(image_bgr: np.ndarray, um_per_px: float, params: FinderParams = F
     px_um = um_per_px * (sx + sy) / 2  # micrometres per working pixel
     blue, green, red = cv2.split(small)
     stain = cv2.subtract(blue, red, dtype=cv2.CV_16S)
-    stain_bg = float(np.median(stain))
+    # background level of the stain: plasma between cells is the brightest part of a smear, so take
+    # the median over the brightest pixels (the plain median drifts towards red cells in crowded frames)
+    bright = green >= np.percentile(green, params.background_percentile)
+    stain_bg = float(np.median(stain[bright])) if bright.any() else float(np.median(stain))
     excess = stain.astype(np.float32) - stain_bg
 
     detections: list[Detection] = []
@@ -122,23 +129,27 @@ def find_cells(image_bgr: np.ndarray, um_per_px: float, params: FinderParams = F
         nucleus = cv2.morphologyEx(nucleus, cv2.MORPH_CLOSE, _disc(params.merge_um / px_um))
     count, labels, stats, _centroids = cv2.connectedComponentsWithStats(nucleus, connectivity=8)
     px_area = px_um * px_um
-    cell_mask = None  # lazily built cytoplasm mask
-    wbc_boxes: list[tuple[float, float, float, float]] = []  # working-pixel corners, for the others
-    for i in range(1, count):
-        x, y, w, h, area = (int(v) for v in stats[i])
-        area_um2 = area * px_area
-        if area_um2 >= params.wbc_min_nucleus_um2:
-            if cell_mask is None:
-                cell_mask = (excess > params.cyto_delta).astype(np.uint8)
-                cell_mask = cv2.morphologyEx(cell_mask, cv2.MORPH_OPEN, _disc(1.0 / px_um))
-            box = _wbc_extent(labels == i, (x, y, w, h), cell_mask, px_um, params)
-            wbc_boxes.append(box)
-            contrast = float(excess[labels == i].mean()) / (2 * max(params.nucleus_delta, 1e-6))
-            size = min(1.0, area_um2 / (2 * max(params.wbc_min_nucleus_um2, 1e-6)))
-            score = float(np.clip(0.5 * min(1.0, contrast) + 0.5 * size, 0, 1))
-            clipped = _clip_box(box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy, width, height)
-            if clipped:
-                detections.append(Detection("wbc", clipped, round(score, 4)))
+    groups = _group_nuclei(stats, px_um, params)
+    cell_mask = None  # cytoplasm mask, built only when there is a white cell
+    wbc_boxes: list[tuple[float, float, float, float]] = []  # working-pixel corners, for the other kinds
+    for members in groups:
+        if cell_mask is None:
+            cell_mask = (excess > params.cyto_delta).astype(np.uint8)
+            cell_mask = cv2.morphologyEx(cell_mask, cv2.MORPH_OPEN, _disc(1.0 / px_um))
+        x0 = min(stats[i, 0] for i in members)
+        y0 = min(stats[i, 1] for i in members)
+        x1 = max(stats[i, 0] + stats[i, 2] for i in members)
+        y1 = max(stats[i, 1] + stats[i, 3] for i in members)
+        mask = np.isin(labels[y0:y1, x0:x1], members)
+        box = _wbc_extent(mask, (int(x0), int(y0), int(x1 - x0), int(y1 - y0)), cell_mask, px_um, params)
+        wbc_boxes.append(box)
+        area_um2 = float(mask.sum()) * px_area
+        contrast = float(excess[y0:y1, x0:x1][mask].mean()) / (2 * max(params.nucleus_delta, 1e-6))
+        size = min(1.0, area_um2 / (2 * max(params.wbc_min_nucleus_um2, 1e-6)))
+        score = float(np.clip(0.5 * min(1.0, contrast) + 0.5 * size, 0, 1))
+        clipped = _clip_box(box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy, width, height)
+        if clipped:
+            detections.append(Detection("wbc", clipped, round(score, 4)))
 
     detections.extend(_platelets(excess, wbc_boxes, px_um, (sx, sy), (width, height), params))
 
@@ -147,24 +158,62 @@ def find_cells(image_bgr: np.ndarray, um_per_px: float, params: FinderParams = F
     return detections
 
 
+def _group_nuclei(stats: np.ndarray, px_um: float, params: FinderParams) -> list[list[int]]:
+    """Join the separate lobes / fragments of one nucleus: components whose boxes lie within
+    ``lobe_gap_um`` of each other while the joined box stays within ``wbc_max_nucleus_um``.
+    A group is a white cell when its stained area reaches ``wbc_min_nucleus_um2``."""
+    px_area = px_um * px_um
+    min_part = params.wbc_min_part_um2 / px_area
+    parts = [i for i in range(1, len(stats)) if stats[i, 4] >= min_part]
+    boxes = {i: [float(stats[i, 0]), float(stats[i, 1]), float(stats[i, 0] + stats[i, 2]),
+                 float(stats[i, 1] + stats[i, 3])] for i in parts}
+    area = {i: float(stats[i, 4]) for i in parts}
+    members = {i: [i] for i in parts}
+    gap = params.lobe_gap_um / px_um
+    span = params.wbc_max_nucleus_um / px_um
+    merged = True
+    while merged:
+        merged = False
+        keys = sorted(members, key=lambda k: -area[k])
+        for a_index, a in enumerate(keys):
+            for b in keys[a_index + 1:]:
+                ba, bb = boxes[a], boxes[b]
+                dx = max(0.0, max(ba[0], bb[0]) - min(ba[2], bb[2]))
+                dy = max(0.0, max(ba[1], bb[1]) - min(ba[3], bb[3]))
+                joined = [min(ba[0], bb[0]), min(ba[1], bb[1]), max(ba[2], bb[2]), max(ba[3], bb[3])]
+                if math.hypot(dx, dy) <= gap and max(joined[2] - joined[0], joined[3] - joined[1]) <= span:
+                    boxes[a] = joined
+                    area[a] += area.pop(b)
+                    members[a] += members.pop(b)
+                    boxes.pop(b)
+                    merged = True
+                    break
+            if merged:
+                break
+    min_area = params.wbc_min_nucleus_um2 / px_area
+    return [sorted(m) for k, m in members.items() if area[k] >= min_area]
+
+
 def _wbc_extent(nucleus: np.ndarray, box: tuple[int, int, int, int], cell_mask: np.ndarray, px_um: float,
                 params: FinderParams) -> tuple[float, float, float, float]:
-    """Grow a nucleus to its whole cell (the cytoplasm is faintly stained too), within a white cell's
-    largest size around the nucleus centre; VOC boxes and the classifier crops are about the cell."""
+    """Grow a nucleus (``nucleus``: its mask inside ``box``) to its whole cell: the cytoplasm is
+    faintly stained too, so take the stained region connected to the nucleus, no further than a
+    white cell's largest radius from the nucleus centre. VOC boxes and classifier crops are whole cells."""
     x, y, w, h = box
     cx, cy = x + w / 2, y + h / 2
-    radius = params.wbc_max_diameter_um / px_um / 2
+    radius = max(params.wbc_max_diameter_um / px_um / 2, w / 2, h / 2)
     rows, cols = cell_mask.shape
     xa, ya = max(0, int(cx - radius)), max(0, int(cy - radius))
     xb, yb = min(cols, int(math.ceil(cx + radius)) + 1), min(rows, int(math.ceil(cy + radius)) + 1)
     roi = cell_mask[ya:yb, xa:xb].copy()
     yy, xx = np.ogrid[ya:yb, xa:xb]
-    roi[(xx - cx) ** 2 + (yy - cy) ** 2 > radius * radius] = 0
-    roi |= nucleus[ya:yb, xa:xb].astype(np.uint8)
+    roi[(xx + 0.5 - cx) ** 2 + (yy + 0.5 - cy) ** 2 > radius * radius] = 0
+    seed = np.zeros_like(roi, dtype=bool)
+    seed[y - ya:y - ya + h, x - xa:x - xa + w] = nucleus
+    roi[seed] = 1
     _n, labels = cv2.connectedComponents(roi, connectivity=8)
-    ids = np.unique(labels[nucleus[ya:yb, xa:xb]])
-    body = np.isin(labels, ids[ids > 0])
-    ys, xs = np.nonzero(body)
+    ids = np.unique(labels[seed])
+    ys, xs = np.nonzero(np.isin(labels, ids[ids > 0]))
     bx0, bx1, by0, by1 = xs.min() + xa, xs.max() + xa + 1, ys.min() + ya, ys.max() + ya + 1
     grow = params.wbc_min_grow
     bx0, bx1 = min(bx0, cx - w * grow / 2), max(bx1, cx + w * grow / 2)

@@ -1,0 +1,244 @@
+"""The service under systemd's eyes: a real NOTIFY_SOCKET, real signals, real ZeroMQ subscribers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO, SAMPLES
+
+from edge import config as cfg
+from edge.client import Subscriber
+from edge.messages import TOPIC_CELLS
+from edge.models import open_classifier
+from edge.pipeline import Pipeline, Settings
+from edge.publisher import Publisher
+from edge.replay import ReplaySource
+from edge.sdnotify import Notifier
+
+
+class SystemdSide:
+    """Plays systemd: owns the notify socket and timestamps every datagram it receives."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / "notify.sock"
+        self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.socket.bind(str(self.path))
+        self.socket.settimeout(0.2)
+        self.messages: list[tuple[float, dict[str, str]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._listen, daemon=True)
+        self._thread.start()
+
+    def _listen(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.socket.recv(4096)
+            except TimeoutError:
+                continue
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+            self.messages.append((time.monotonic(), fields))
+
+    def wait_for(self, key: str, timeout: float) -> float:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for stamp, fields in list(self.messages):
+                if key in fields:
+                    return stamp
+            time.sleep(0.02)
+        pytest.fail(f"systemd never received {key}")
+
+    def times(self, key: str) -> list[float]:
+        return [stamp for stamp, fields in self.messages if key in fields]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.socket.close()
+
+
+@pytest.fixture
+def systemd(tmp_path: Path):  # type: ignore[no-untyped-def]
+    side = SystemdSide(tmp_path)
+    yield side
+    side.close()
+
+
+def write_config(path: Path, endpoint: str, source: Path, audit: Path, **extra: str) -> None:
+    lines = [
+        "[source]",
+        f'path = "{source}"',
+        "fps = 10.0",
+        "loop = true",
+        "[publish]",
+        f'endpoint = "{endpoint}"',
+        "[audit]",
+        f'path = "{audit}"',
+    ]
+    sections: dict[str, list[str]] = {}
+    for section_key, value in extra.items():
+        section, key = section_key.split("__")
+        sections.setdefault(section, []).append(f"{key} = {value}")
+    for section, keys in sections.items():
+        lines += [f"[{section}]", *keys]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def start_service(config: Path, systemd: SystemdSide, watchdog_usec: int, log: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "NOTIFY_SOCKET": str(systemd.path), "WATCHDOG_USEC": str(watchdog_usec)}
+    env.pop("WATCHDOG_PID", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "edge", "run", "--config", str(config)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("wb"),
+    )
+
+
+def test_ready_after_first_frame_watchdog_cadence_and_clean_stop(
+    tmp_path: Path, endpoint: str, systemd: SystemdSide
+) -> None:
+    config, audit = tmp_path / "c.toml", tmp_path / "audit.jsonl"
+    write_config(config, endpoint, SAMPLES, audit)
+    process = start_service(config, systemd, watchdog_usec=1_000_000, log=tmp_path / "log")
+    try:
+        systemd.wait_for("READY", timeout=60)
+        assert audit.exists() and len(audit.read_text().splitlines()) >= 1, "READY before any frame was classified"
+        time.sleep(3.0)
+        process.send_signal(signal.SIGTERM)
+        stopped_at = time.monotonic()
+        process.wait(timeout=15)
+    finally:
+        process.kill()
+    assert process.returncode == 0, (tmp_path / "log").read_text()
+    assert time.monotonic() - stopped_at < 15  # TimeoutStopSec in deploy/cytoedge.service
+    assert systemd.times("STOPPING")
+    ready = systemd.times("READY")[0]
+    pings = [t for t in systemd.times("WATCHDOG") if t >= ready and t < systemd.times("STOPPING")[0]]
+    assert len(pings) >= 6, pings
+    gaps = np.diff(pings)
+    assert gaps.max() < 1.0, f"watchdog gaps up to {gaps.max():.2f} s exceed WATCHDOG_USEC"
+    assert gaps.min() >= 0.2, "watchdog not rate-limited to interval/4"
+    assert any(fields.get("STATUS", "").startswith("running") for _t, fields in systemd.messages)
+
+
+def test_watchdog_pings_stop_while_the_source_stalls_and_resume_after(
+    tmp_path: Path, endpoint: str, systemd: SystemdSide
+) -> None:
+    session = tmp_path / "session"
+    (session / "frames").mkdir(parents=True)
+    lines = []
+    for index in range(8):
+        shutil.copy(SAMPLES / "BloodImage_00007.jpg", session / "frames" / f"{index}.jpg")
+        stamp = 1000.0 + 0.1 * index + (3.0 if index >= 4 else 0.0)  # a 3 s hole after the 4th frame
+        lines.append(json.dumps({"frame": f"frames/{index}.jpg", "t": stamp}))
+    (session / "index.jsonl").write_text("\n".join(lines) + "\n")
+    config = tmp_path / "c.toml"
+    write_config(config, endpoint, session, tmp_path / "audit.jsonl")
+    config.write_text(config.read_text().replace("loop = true", "loop = false"))
+    process = start_service(config, systemd, watchdog_usec=400_000, log=tmp_path / "log")
+    try:
+        process.wait(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 0, (tmp_path / "log").read_text()
+    pings = systemd.times("WATCHDOG")
+    gaps = np.diff(pings)
+    assert gaps.max() > 2.0, "pings went on while nothing made progress"
+    stall_end = pings[int(np.argmax(gaps)) + 1]
+    assert any(t >= stall_end for t in pings), "pings did not resume after the stall"
+
+
+class StallingClassifier:
+    """The real model, wrapped so a test can freeze inference mid-run (fault injection, not a fake)."""
+
+    def __init__(self) -> None:
+        self.inner = open_classifier(None, "onnxruntime", 1)
+        self.metadata = self.inner.metadata
+        self.model_id = self.inner.model_id
+        self.path = self.inner.path
+        self.calls = 0
+        self.release = threading.Event()
+
+    def classify(self, crops: np.ndarray):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        if self.calls == 5:
+            self.release.wait(10)
+        return self.inner.classify(crops)
+
+
+def test_watchdog_pings_stop_while_inference_hangs(
+    tmp_path: Path, endpoint: str, systemd: SystemdSide, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NOTIFY_SOCKET", str(systemd.path))
+    monkeypatch.setenv("WATCHDOG_USEC", "400000")
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    classifier = StallingClassifier()
+    settings = Settings.from_config(cfg.load(None))
+    source = ReplaySource(SAMPLES, pace="recorded", fps=20, loop=False)
+    pipeline = Pipeline(source, classifier, Publisher(endpoint), settings, notifier=Notifier())
+    runner = threading.Thread(target=pipeline.run)
+    runner.start()
+    while classifier.calls < 5:
+        time.sleep(0.01)
+    hang_started = time.monotonic()
+    time.sleep(1.5)
+    classifier.release.set()
+    runner.join(30)
+    pipeline.publisher.close()
+    during = [t for t in systemd.times("WATCHDOG") if hang_started + 0.05 < t < hang_started + 1.5]
+    after = [t for t in systemd.times("WATCHDOG") if t > hang_started + 1.5]
+    assert during == [], "a hung inference must not be reported as alive"
+    assert after, "pings resume once inference does"
+
+
+def test_sighup_swaps_config_without_a_seq_gap_and_rejects_a_bad_one(
+    tmp_path: Path, endpoint: str, systemd: SystemdSide
+) -> None:
+    config, audit = tmp_path / "c.toml", tmp_path / "audit.jsonl"
+    write_config(config, endpoint, SAMPLES, audit, review__uncertainty="1.0", review__anomaly="1.0")
+    log = tmp_path / "log"
+    received: list[dict] = []
+    with Subscriber(endpoint, topics=(TOPIC_CELLS,)) as subscriber:
+        process = start_service(config, systemd, watchdog_usec=5_000_000, log=log)
+        try:
+
+            def collect(seconds: float) -> None:
+                deadline = time.monotonic() + seconds
+                while time.monotonic() < deadline:
+                    message = subscriber.receive(0.2)
+                    if message is not None:
+                        received.append(message.payload)
+
+            collect(6.0)
+            assert received, "no cells before reload"
+            write_config(config, endpoint, SAMPLES, audit, review__uncertainty="0.0", review__anomaly="0.0")
+            process.send_signal(signal.SIGHUP)
+            collect(3.0)
+            config.write_text(config.read_text() + "[pipeline]\nqueue_size = -4\n")
+            process.send_signal(signal.SIGHUP)
+            collect(3.0)
+            assert process.poll() is None, "a bad reload must not stop the service"
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=15)
+        finally:
+            process.kill()
+    text = log.read_text()
+    assert "reload rejected" in text and "pipeline.queue_size = -4" in text
+    seqs = [m["seq"] for m in received]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "subscribers saw a gap in seq"
+    classified = [[c["review"] for c in m["cells"] if c["label"]] for m in received]
+    assert not any(any(flags) for flags in classified[:5]), "thresholds of 1.0 send nothing to review"
+    assert all(all(flags) for flags in classified[-5:] if flags), "new thresholds of 0.0 send every cell to review"
+    assert systemd.times("RELOADING")
