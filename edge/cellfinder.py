@@ -31,19 +31,22 @@ class FinderParams:
     wbc_min_nucleus_um2: float = 15.0  # smallest stained area that counts as a white-cell nucleus
     wbc_min_part_um2: float = 4.0  # smallest stained fragment that may be joined to a nucleus
     lobe_gap_um: float = 3.0  # fragments this close (box to box) belong to one nucleus ...
-    wbc_max_nucleus_um: float = 16.0  # ... as long as the joined nucleus is no wider than this
+    wbc_max_nucleus_um: float = 18.0  # ... as long as the joined nucleus is no wider than this
     wbc_max_diameter_um: float = 22.0  # largest white cell (limits how far the cell body may grow)
     cyto_delta: float = 12.0  # stain above background that marks white-cell cytoplasm
     wbc_min_grow: float = 1.15  # the cell box is at least the nucleus box times this, per side
-    platelet_delta: float = 25.0  # stain above background that outlines a platelet
-    platelet_peak: float = 32.0  # ... and that its most stained pixel must reach
+    wbc_box_scale: float = 1.0  # final cell box = segmented cell box times this (palest rim of cytoplasm)
+    platelet_delta: float = 22.0  # stain above background that outlines a platelet
+    platelet_peak: float = 28.0  # ... and that its most stained pixel must reach
     platelet_min_um: float = 1.0  # platelet stained-blob equivalent diameter range
     platelet_max_um: float = 4.5
     platelet_box_um: float = 2.8  # smallest platelet box side (the stained blob is its granulomere only)
     platelet_box_grow: float = 1.2  # platelet box = stained blob box times this, if larger
+    platelet_wbc_margin_um: float = 0.0  # blobs this close to a white-cell box are its granules, not platelets
     rbc_delta: float = 18.0  # green-channel darkening below background that marks red-cell pixels
     rbc_min_diameter_um: float = 5.0  # red-cell diameter range (distance-transform peaks outside it are dropped)
     rbc_max_diameter_um: float = 10.0
+    rbc_box_grow: float = 1.3  # red-cell box half side = distance-transform peak times this (the mask is eroded)
     find_rbc: bool = True  # red cells are only counted downstream; turn off to save ~1 ms a frame
 
 
@@ -218,7 +221,10 @@ def _wbc_extent(nucleus: np.ndarray, box: tuple[int, int, int, int], cell_mask: 
     grow = params.wbc_min_grow
     bx0, bx1 = min(bx0, cx - w * grow / 2), max(bx1, cx + w * grow / 2)
     by0, by1 = min(by0, cy - h * grow / 2), max(by1, cy + h * grow / 2)
-    return float(bx0), float(by0), float(bx1), float(by1)
+    # the segmented body misses the palest rim of cytoplasm: widen by a measured factor
+    mx, my = (bx0 + bx1) / 2, (by0 + by1) / 2
+    half_w, half_h = (bx1 - bx0) * params.wbc_box_scale / 2, (by1 - by0) * params.wbc_box_scale / 2
+    return float(mx - half_w), float(my - half_h), float(mx + half_w), float(my + half_h)
 
 
 def _platelets(excess: np.ndarray, wbc_boxes: list[tuple[float, float, float, float]], px_um: float,
@@ -236,14 +242,15 @@ def _platelets(excess: np.ndarray, wbc_boxes: list[tuple[float, float, float, fl
     width, height = frame_size
     found = []
     min_side = params.platelet_box_um / px_um
+    margin = params.platelet_wbc_margin_um / px_um
     for i in range(1, count):
         x, y, w, h, area = (int(v) for v in stats[i])
         diameter = 2 * math.sqrt(area / math.pi) * px_um
         if peak[i] < params.platelet_peak or not params.platelet_min_um <= diameter <= params.platelet_max_um:
             continue
         cx, cy = x + w / 2, y + h / 2
-        if any(b[0] <= cx <= b[2] and b[1] <= cy <= b[3] for b in wbc_boxes):
-            continue
+        if any(b[0] - margin <= cx <= b[2] + margin and b[1] - margin <= cy <= b[3] + margin for b in wbc_boxes):
+            continue  # a granule or lobe of a white cell
         half = max(min_side, max(w, h) * params.platelet_box_grow) / 2
         clipped = _clip_box((cx - half) * sx, (cy - half) * sy, (cx + half) * sx, (cy + half) * sy, width, height)
         if clipped:
@@ -285,7 +292,7 @@ def _red_cells(green: np.ndarray, stained: np.ndarray, wbc_boxes: list[tuple[flo
     for i in range(1, count):
         cx, cy = centroids[i]
         r = float(dist[int(round(cy)), int(round(cx))])
-        half = float(np.clip(r, min_r, max_r))
+        half = float(np.clip(r * params.rbc_box_grow, min_r, max_r))
         clipped = _clip_box((cx - half) * sx, (cy - half) * sy, (cx + half) * sx, (cy + half) * sy, width, height)
         if clipped:
             found.append(Detection("rbc", clipped, round(float(min(1.0, r / nominal)), 4)))

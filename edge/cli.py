@@ -22,6 +22,11 @@ def _add_config_flag(parser: argparse.ArgumentParser, required: bool = False) ->
     parser.add_argument("--config", required=required, help="TOML config file (defaults are built in)")
 
 
+def _add_curve_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server-key", metavar="FILE", help="CURVE: the publisher's public key file (.key)")
+    parser.add_argument("--client-key", metavar="FILE", help="CURVE: this subscriber's secret key file (.key_secret)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cytoedge", description="Find, classify and publish blood cells at the microscope."
@@ -56,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="exit with code 1 if nothing arrives for this many seconds (0 = wait forever)",
     )
+    _add_curve_flags(watch)
     watch.set_defaults(handler=_lazy("edge.commands.watch", "main"))
 
     status = commands.add_parser("status", help="one-shot health of a running publisher (exit 0 healthy)")
@@ -63,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for a status (default 3)")
     status.add_argument("--strict", action="store_true", help="treat any warning as degraded")
     status.add_argument("--json", action="store_true", help="print the status message as JSON")
+    _add_curve_flags(status)
     status.set_defaults(handler=_lazy("edge.commands.status", "main"))
 
     classify = commands.add_parser("classify", help="classify single-cell images (one cell per image)")
@@ -95,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flag(annotate)
     _add_config_flag(annotate)
     annotate.set_defaults(handler=_lazy("edge.commands.annotate", "main"))
+
+    keys = commands.add_parser("keys", help="make CURVE key pairs for authenticated publishing")
+    keys_commands = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    keys_new = keys_commands.add_parser("new", help="write NAME.key (public) and NAME.key_secret (owner-only)")
+    keys_new.add_argument("name", help="e.g. publisher, or the display's host name")
+    keys_new.add_argument("--dir", default=".", help="folder to write the files in (default: current folder)")
+    keys_new.add_argument("--force", action="store_true", help="replace existing files of that name")
+    keys_new.set_defaults(handler=_lazy("edge.commands.keys", "new"))
 
     config = commands.add_parser("config", help="check or show configuration")
     config_commands = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)

@@ -13,6 +13,7 @@ from typing import Any
 import zmq
 
 from edge.messages import TOPIC_CELLS, TOPIC_STATUS, MessageError, decode
+from edge.security import ClientKeys
 
 
 @dataclass
@@ -38,12 +39,15 @@ class Subscriber:
         topics: Iterable[bytes] = (TOPIC_CELLS, TOPIC_STATUS),
         context: zmq.Context | None = None,
         max_bytes: int = 8 << 20,
+        curve: ClientKeys | None = None,
     ) -> None:
         self._context = context or zmq.Context.instance()
         self._socket = self._context.socket(zmq.SUB)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.RCVHWM, 10000)
         self._socket.setsockopt(zmq.MAXMSGSIZE, max_bytes + 64)
+        if curve is not None:
+            curve.apply(self._socket)
         for topic in topics:
             self._socket.setsockopt(zmq.SUBSCRIBE, topic)
         self._socket.connect(endpoint)

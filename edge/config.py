@@ -92,6 +92,12 @@ RULES: dict[str, dict[str, Rule]] = {
     "audit": {
         "path": Rule(str, "a file path (empty = off)"),
     },
+    "security": {
+        "curve": Rule(bool, "true or false"),
+        "server_key": Rule(str, "the publisher's secret key file (empty unless curve = true)"),
+        "authorized_keys": Rule(str, "a folder of subscriber *.key files (empty unless curve = true)"),
+        "allow_insecure": Rule(bool, "true or false"),
+    },
 }
 
 
@@ -142,7 +148,24 @@ def validate(overrides: dict[str, Any], origin: str) -> Config:
                 known = ", ".join(rules[section])
                 raise ConfigError(f"{origin}: unknown key {section}.{key}; known keys in [{section}]: {known}")
             config[section][key] = _checked(f"{section}.{key}", value, rule, origin)
+    _check_together(config, origin)
     return config
+
+
+def _check_together(config: Config, origin: str) -> None:
+    """Rules that involve several keys: results must not leave the machine unencrypted by accident."""
+    from edge.security import is_loopback
+
+    security = config["security"]
+    if security["curve"]:
+        for key in ("server_key", "authorized_keys"):
+            if not security[key]:
+                raise ConfigError(f"{origin}: security.{key} must be set when security.curve = true")
+    elif not is_loopback(config["publish"]["endpoint"]) and not security["allow_insecure"]:
+        raise ConfigError(
+            f"{origin}: publish.endpoint = {config['publish']['endpoint']!r} is reachable from the network but "
+            "security.curve = false; turn CURVE on (docs/security.md) or set security.allow_insecure = true"
+        )
 
 
 def _checked(name: str, value: Any, rule: Rule, origin: str) -> Any:
@@ -180,6 +203,7 @@ def with_overrides(config: Config, origin: str, **dotted: Any) -> Config:
             continue
         section, key = flat.split("__", 1)
         result[section][key] = _checked(f"{section}.{key}", value, rules[section][key], origin)
+    _check_together(result, origin)
     return result
 
 

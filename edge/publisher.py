@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import zmq
 
 from edge.errors import CytoedgeError
 from edge.messages import SCHEMA_BY_TOPIC, encode
+from edge.security import is_loopback, secure_publisher
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +28,14 @@ def new_run_id() -> str:
 
 class Publisher:
     def __init__(
-        self, endpoint: str, send_hwm: int = 1000, linger_ms: int = 2000, context: zmq.Context | None = None
+        self,
+        endpoint: str,
+        send_hwm: int = 1000,
+        linger_ms: int = 2000,
+        context: zmq.Context | None = None,
+        curve: tuple[Path, Path] | None = None,
     ) -> None:
+        """``curve``: (publisher secret key file, folder of authorised subscriber keys), or None."""
         self.endpoint = endpoint
         self.run = new_run_id()
         self._seq: dict[bytes, int] = {}
@@ -36,10 +44,17 @@ class Publisher:
         # HWM and linger apply only to binds made after they are set.
         self._socket.setsockopt(zmq.SNDHWM, send_hwm)
         self._socket.setsockopt(zmq.LINGER, linger_ms)
+        self._authenticator = None
+        if curve is not None:
+            self._authenticator = secure_publisher(self._socket, self._context, *curve)
+        elif not is_loopback(endpoint):
+            log.warning(
+                "publishing on %s WITHOUT encryption or authentication (security.allow_insecure = true)", endpoint
+            )
         try:
             self._socket.bind(endpoint)
         except zmq.ZMQError as exc:
-            self._socket.close(linger=0)
+            self.close()
             hint = " (is another cytoedge running? choose another port)" if exc.errno == zmq.EADDRINUSE else ""
             raise CytoedgeError(f"cannot publish on {endpoint}: {exc.strerror}{hint}") from None
         self.bound_endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -61,3 +76,5 @@ class Publisher:
 
     def close(self) -> None:
         self._socket.close()
+        if self._authenticator is not None:
+            self._authenticator.stop()

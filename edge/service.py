@@ -30,7 +30,9 @@ def build_pipeline(
     classifier = open_classifier(config["model"]["path"], config["model"]["backend"], config["model"]["threads"])
     frame_source = source if source is not None else open_source(config)
     audit = AuditLog(Path(config["audit"]["path"])) if config["audit"]["path"] else None
-    publisher = Publisher(config["publish"]["endpoint"], config["publish"]["send_hwm"])
+    security = config["security"]
+    curve = (Path(security["server_key"]), Path(security["authorized_keys"])) if security["curve"] else None
+    publisher = Publisher(config["publish"]["endpoint"], config["publish"]["send_hwm"], curve=curve)
     return Pipeline(
         frame_source,
         classifier,

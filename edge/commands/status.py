@@ -13,6 +13,7 @@ from typing import Any
 
 from edge.client import Subscriber
 from edge.messages import TOPIC_STATUS
+from edge.security import client_keys_from_flags
 
 HEALTHY, DEGRADED, FAILED, UNREACHABLE = 0, 1, 2, 3
 
@@ -28,7 +29,9 @@ def health(status: dict[str, Any], strict: bool = False) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    with Subscriber(args.endpoint, topics=(TOPIC_STATUS,)) as subscriber:
+    with Subscriber(
+        args.endpoint, topics=(TOPIC_STATUS,), curve=client_keys_from_flags(args.server_key, args.client_key)
+    ) as subscriber:
         received = subscriber.receive(timeout_s=args.timeout)
     if received is None:
         print(f"UNREACHABLE: no status from {args.endpoint} within {args.timeout:g} s", file=sys.stderr)

@@ -10,6 +10,7 @@ from typing import Any, TextIO
 
 from edge.client import Subscriber
 from edge.messages import TOPIC_CELLS, TOPIC_STATUS
+from edge.security import client_keys_from_flags
 
 
 class Differential:
@@ -58,7 +59,11 @@ def main(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     interactive = out.isatty()
     last_draw = 0.0
     last_message = time.monotonic()
-    with Subscriber(args.endpoint, topics=(TOPIC_CELLS, TOPIC_STATUS)) as subscriber:
+    with Subscriber(
+        args.endpoint,
+        topics=(TOPIC_CELLS, TOPIC_STATUS),
+        curve=client_keys_from_flags(args.server_key, args.client_key),
+    ) as subscriber:
         while True:
             received = subscriber.receive(timeout_s=0.5)
             now = time.monotonic()
