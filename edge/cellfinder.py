@@ -17,16 +17,20 @@ import cv2
 import numpy as np
 
 KINDS = ("wbc", "rbc", "platelet")
+MAX_PARTS = 64  # most stained fragments considered for white cells in one frame
 
 
 @dataclass(frozen=True)
 class FinderParams:
-    """Tunables of `find_cells`. Sizes are micrometres at the sample; stain levels are B - R grey
-    levels (0..255) above the frame's background level (the median B - R of the frame)."""
+    """Tunables of `find_cells` (also the ``[finder]`` section of the service config; all >= 0).
+
+    Sizes are micrometres at the sample, so they hold at any microscope scale; stain levels are
+    B - R grey levels (0..255) above the frame's background level (the median B - R of its
+    brightest pixels, i.e. the plasma between cells). Defaults tuned on BCCD train+val."""
 
     work_um_per_px: float = 0.3  # resolution the finder works at (frames are downscaled to it, never up)
     background_percentile: float = 75.0  # pixels brighter (in green) than this percentile are background
-    nucleus_delta: float = 40.0  # stain above background that marks nucleus / platelet pixels
+    nucleus_delta: float = 40.0  # stain above background that marks white-cell nucleus pixels
     merge_um: float = 2.0  # closing diameter that joins the lobes of one nucleus
     wbc_min_nucleus_um2: float = 15.0  # smallest stained area that counts as a white-cell nucleus
     wbc_min_part_um2: float = 4.0  # smallest stained fragment that may be joined to a nucleus
@@ -122,7 +126,7 @@ def find_cells(image_bgr: np.ndarray, um_per_px: float, params: FinderParams = F
     stain = cv2.subtract(blue, red, dtype=cv2.CV_16S)
     # background level of the stain: plasma between cells is the brightest part of a smear, so take
     # the median over the brightest pixels (the plain median drifts towards red cells in crowded frames)
-    bright = green >= np.percentile(green, params.background_percentile)
+    bright = green >= np.percentile(green, min(100.0, params.background_percentile))
     stain_bg = float(np.median(stain[bright])) if bright.any() else float(np.median(stain))
     excess = stain.astype(np.float32) - stain_bg
 
@@ -130,7 +134,7 @@ def find_cells(image_bgr: np.ndarray, um_per_px: float, params: FinderParams = F
     nucleus = (excess > params.nucleus_delta).astype(np.uint8)
     if params.merge_um > 0:
         nucleus = cv2.morphologyEx(nucleus, cv2.MORPH_CLOSE, _disc(params.merge_um / px_um))
-    count, labels, stats, _centroids = cv2.connectedComponentsWithStats(nucleus, connectivity=8)
+    _count, labels, stats, _centroids = cv2.connectedComponentsWithStats(nucleus, connectivity=8)
     px_area = px_um * px_um
     groups = _group_nuclei(stats, px_um, params)
     cell_mask = None  # cytoplasm mask, built only when there is a white cell
@@ -168,6 +172,7 @@ def _group_nuclei(stats: np.ndarray, px_um: float, params: FinderParams) -> list
     px_area = px_um * px_um
     min_part = params.wbc_min_part_um2 / px_area
     parts = [i for i in range(1, len(stats)) if stats[i, 4] >= min_part]
+    parts = sorted(parts, key=lambda i: -stats[i, 4])[:MAX_PARTS]  # bounded work on a pathological frame
     boxes = {i: [float(stats[i, 0]), float(stats[i, 1]), float(stats[i, 0] + stats[i, 2]),
                  float(stats[i, 1] + stats[i, 3])] for i in parts}
     area = {i: float(stats[i, 4]) for i in parts}
@@ -207,7 +212,7 @@ def _wbc_extent(nucleus: np.ndarray, box: tuple[int, int, int, int], cell_mask: 
     radius = max(params.wbc_max_diameter_um / px_um / 2, w / 2, h / 2)
     rows, cols = cell_mask.shape
     xa, ya = max(0, int(cx - radius)), max(0, int(cy - radius))
-    xb, yb = min(cols, int(math.ceil(cx + radius)) + 1), min(rows, int(math.ceil(cy + radius)) + 1)
+    xb, yb = min(cols, math.ceil(cx + radius) + 1), min(rows, math.ceil(cy + radius) + 1)
     roi = cell_mask[ya:yb, xa:xb].copy()
     yy, xx = np.ogrid[ya:yb, xa:xb]
     roi[(xx + 0.5 - cx) ** 2 + (yy + 0.5 - cy) ** 2 > radius * radius] = 0
@@ -233,7 +238,7 @@ def _platelets(excess: np.ndarray, wbc_boxes: list[tuple[float, float, float, fl
     """Platelets are small, often faint stained blobs: outline at a low stain level, keep those of
     platelet size whose core is clearly stained, away from white cells (their granules and lobes)."""
     mask = (excess > params.platelet_delta).astype(np.uint8)
-    count, labels, stats, centroids = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    count, labels, stats, _centroids = cv2.connectedComponentsWithStats(mask, connectivity=8)
     if count <= 1:
         return []
     peak = np.zeros(count, np.float32)
@@ -255,8 +260,7 @@ def _platelets(excess: np.ndarray, wbc_boxes: list[tuple[float, float, float, fl
         clipped = _clip_box((cx - half) * sx, (cy - half) * sy, (cx + half) * sx, (cy + half) * sy, width, height)
         if clipped:
             score = float(np.clip(peak[i] / (2 * max(params.platelet_peak, 1e-6)), 0, 1))
-            detections_score = round(score, 4)
-            found.append(Detection("platelet", clipped, detections_score))
+            found.append(Detection("platelet", clipped, round(score, 4)))
     return found
 
 
@@ -269,7 +273,7 @@ def _red_cells(green: np.ndarray, stained: np.ndarray, wbc_boxes: list[tuple[flo
     mask = (green.astype(np.float32) < background - params.rbc_delta).astype(np.uint8)
     mask[stained > 0] = 0
     for x0, y0, x1, y1 in wbc_boxes:
-        mask[max(0, int(y0)):int(math.ceil(y1)), max(0, int(x0)):int(math.ceil(x1))] = 0
+        mask[max(0, int(y0)):math.ceil(y1), max(0, int(x0)):math.ceil(x1)] = 0
     min_r = params.rbc_min_diameter_um / px_um / 2
     max_r = params.rbc_max_diameter_um / px_um / 2
     # fill central pallor: holes smaller than a red cell
@@ -291,7 +295,7 @@ def _red_cells(green: np.ndarray, stained: np.ndarray, wbc_boxes: list[tuple[flo
     nominal = (min_r + max_r) / 2
     for i in range(1, count):
         cx, cy = centroids[i]
-        r = float(dist[int(round(cy)), int(round(cx))])
+        r = float(dist[min(rows - 1, int(cy + 0.5)), min(cols - 1, int(cx + 0.5))])
         half = float(np.clip(r * params.rbc_box_grow, min_r, max_r))
         clipped = _clip_box((cx - half) * sx, (cy - half) * sy, (cx + half) * sx, (cy + half) * sy, width, height)
         if clipped:
@@ -304,7 +308,7 @@ def background_colour(image_bgr: np.ndarray) -> np.ndarray:
     image = _as_bgr(image_bgr)
     if image.size == 0:
         return np.zeros(3, np.uint8)
-    step = max(1, min(image.shape[:2]) // 120)
+    step = max(1, int(math.sqrt(image.shape[0] * image.shape[1] / 4096)))  # ~4k pixels are plenty
     sample = image[::step, ::step].reshape(-1, 3)
     grey = sample.astype(np.int32).sum(1)
     bright = sample[grey >= np.percentile(grey, 70)]
@@ -337,10 +341,11 @@ def cut_crops(image_bgr: np.ndarray, boxes: Sequence[tuple[int, int, int, int]],
         xa, ya, xb, yb = max(0, x0), max(0, y0), min(width, x0 + side), min(height, y0 + side)
         if xa == x0 and ya == y0 and xb == x0 + side and yb == y0 + side:
             square = image[ya:yb, xa:xb]
+        elif xb > xa and yb > ya:
+            square = cv2.copyMakeBorder(image[ya:yb, xa:xb], ya - y0, y0 + side - yb, xa - x0, x0 + side - xb,
+                                        cv2.BORDER_CONSTANT, value=[int(v) for v in fill])
         else:
-            square = np.empty((side, side, 3), np.uint8)
-            square[:] = fill
-            if xb > xa and yb > ya:
-                square[ya - y0:yb - y0, xa - x0:xb - x0] = image[ya:yb, xa:xb]
+            out[n] = fill  # the square misses the frame entirely
+            continue
         out[n] = cv2.resize(square, (size, size), interpolation=cv2.INTER_AREA)
     return out

@@ -76,9 +76,31 @@ def decode(topic: bytes, data: bytes, max_bytes: int = 8 << 20) -> dict[str, Any
     missing = [name for name in REQUIRED_FIELDS[expected] if name not in payload]
     if missing:
         raise MessageError(f"{topic!r} payload lacks {', '.join(missing)}")
+    for name in ("seq", "frame_id", "cell_id", "cells_seq", "width", "height"):
+        if name in payload and not _is_int(payload[name]):
+            raise MessageError(f"{topic!r} field {name!r} must be an integer")
+    for name in ("run", "source", "model", "state", "source_state"):
+        if name in payload and not isinstance(payload[name], str):
+            raise MessageError(f"{topic!r} field {name!r} must be a string")
     if expected == SCHEMA_CELLS:
         _check_cells(payload["cells"])
+    elif expected == SCHEMA_STATUS:
+        for name in ("frames", "latency_ms"):
+            if not isinstance(payload[name], dict):
+                raise MessageError(f"status field {name!r} must be a map")
+        if not _is_number(payload["fps"]):
+            raise MessageError("status field 'fps' must be a number")
+    elif "jpeg" in payload and not isinstance(payload["jpeg"], bytes):
+        raise MessageError(f"{topic!r} field 'jpeg' must be bytes")
     return payload
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check_cells(cells: Any) -> None:
@@ -93,5 +115,19 @@ def _check_cells(cells: Any) -> None:
         if cell["kind"] not in CELL_KINDS:
             raise MessageError(f"cell kind {cell['kind']!r} is not one of {', '.join(CELL_KINDS)}")
         bbox = cell["bbox"]
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, int) for v in bbox)):
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_int(v) for v in bbox)):
             raise MessageError("cell bbox must be four integers [x, y, width, height]")
+        if not _is_int(cell["id"]):
+            raise MessageError("cell id must be an integer")
+        if cell["label"] is not None and not isinstance(cell["label"], str):
+            raise MessageError("cell label must be a string or null")
+        probs = cell["probs"]
+        if probs is not None and not (
+            isinstance(probs, dict) and all(isinstance(k, str) and _is_number(v) for k, v in probs.items())
+        ):
+            raise MessageError("cell probs must map class names to numbers, or be null")
+        for name in ("uncertainty", "anomaly"):
+            if cell[name] is not None and not _is_number(cell[name]):
+                raise MessageError(f"cell {name} must be a number or null")
+        if not isinstance(cell["review"], bool):
+            raise MessageError("cell review must be true or false")

@@ -1,0 +1,321 @@
+"""`cytoedge display`: a bench web page fed by the publisher.
+
+Standard library only (ThreadingHTTPServer + Server-Sent Events): a lab PC or tablet needs nothing
+beyond cytoedge's own dependencies, and there is no build step. One background thread subscribes to
+the publisher and updates a `DisplayState` under a lock; each page connection gets the newest
+snapshot at most `PUSH_INTERVAL_S` apart, so a fast publisher never builds a backlog per client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import threading
+import time
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from edge.client import Subscriber
+from edge.display.state import TARGETS, DecisionError, DisplayState
+from edge.errors import CytoedgeError
+from edge.messages import TOPICS
+
+log = logging.getLogger(__name__)
+
+PUSH_INTERVAL_S = 0.2  # at most 5 snapshots a second per page
+HEARTBEAT_S = 1.0  # a snapshot at least this often, so the page sees its connection is alive
+MAX_BODY = 64 * 1024
+STATIC_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".png": "image/png",
+    ".svg": "image/svg+xml",
+}
+# The page is served only from its own origin; no inline scripts, no outside resources.
+CSP = "default-src 'self'; img-src 'self'; style-src 'self'; script-src 'self'; connect-src 'self'"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `cytoedge display` (the CLI owns the sub-parser)."""
+    parser.add_argument("--connect", required=True, metavar="ENDPOINT", help="publisher, e.g. tcp://127.0.0.1:5555")
+    parser.add_argument(
+        "--listen",
+        default="127.0.0.1:8080",
+        metavar="HOST:PORT",
+        help="where the page is served (default 127.0.0.1:8080; 0.0.0.0:8080 for a tablet on the bench network)",
+    )
+    parser.add_argument("--target", type=int, choices=TARGETS, default=100, help="white cells per differential")
+    parser.add_argument(
+        "--sessions", default="sessions", metavar="DIR", help="folder for review session files (default ./sessions)"
+    )
+    parser.add_argument(
+        "--stale-after",
+        type=float,
+        default=3.0,
+        metavar="S",
+        help="warn on the page when nothing arrived for this many seconds (default 3)",
+    )
+
+
+class DisplayServer:
+    """The subscriber thread, the shared state and the HTTP server, started and stopped together."""
+
+    def __init__(
+        self,
+        connect: str,
+        listen: tuple[str, int],
+        sessions_dir: Path,
+        target: int = 100,
+        stale_after_s: float = 3.0,
+    ) -> None:
+        self.connect = connect
+        self.state = DisplayState(sessions_dir, target=target, stale_after_s=stale_after_s)
+        self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)
+        self.stopping = threading.Event()
+        try:
+            self.httpd = _HTTPServer(listen, _Handler)
+        except OSError as exc:
+            raise CytoedgeError(f"cannot serve the display on {listen[0]}:{listen[1]}: {exc.strerror}") from None
+        self.httpd.display = self
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def url(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host}:{port}/"
+
+    def start(self) -> None:
+        for target, name in ((self._subscribe, "display-sub"), (self.httpd.serve_forever, "display-http")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        with self.changed:
+            self.changed.notify_all()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        for thread in self._threads:
+            thread.join(timeout=5)
+
+    def _subscribe(self) -> None:
+        """Feed the state from the publisher; ZeroMQ reconnects by itself if the publisher restarts."""
+        with Subscriber(self.connect, topics=TOPICS) as subscriber:
+            while not self.stopping.is_set():
+                received = subscriber.receive(timeout_s=0.25)
+                with self.changed:
+                    if received is not None:
+                        self.state.handle(received.topic, received.payload)
+                    if subscriber.stats.malformed or subscriber.stats.gaps:
+                        # The Subscriber skipped what decode() rejected; show those in the same count.
+                        self.state.malformed = self._own_malformed + subscriber.stats.malformed
+                        self.state.missed = subscriber.stats.gaps
+                    self.changed.notify_all()
+
+    _own_malformed = 0  # set by handle() failures below via the state's counter
+
+    def snapshot_json(self) -> tuple[int, bytes]:
+        with self.lock:
+            return self.state.version, json.dumps(self.state.snapshot()).encode()
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    display: DisplayServer
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _HTTPServer
+    server_version = "cytoedge-display"
+
+    # -- routing ------------------------------------------------------------------------------
+    def do_GET(self) -> None:
+        path = urlsplit(self.path).path
+        display = self.server.display
+        if path in ("/", "/index.html"):
+            self._static("index.html")
+        elif path.startswith("/static/"):
+            self._static(path.removeprefix("/static/"))
+        elif path == "/events":
+            self._events()
+        elif path == "/api/state":
+            self._send(HTTPStatus.OK, display.snapshot_json()[1], "application/json")
+        elif path == "/preview.jpg":
+            with display.lock:
+                jpeg = display.state.preview_jpeg
+            self._image(jpeg, cache=False)
+        elif match := re.fullmatch(r"/thumb/(\d{1,12})\.jpg", path):
+            with display.lock:
+                jpeg = display.state.thumb(int(match.group(1)))
+            self._image(jpeg, cache=True)
+        elif path == "/export.csv":
+            with display.lock:
+                body, slide_id = display.state.csv().encode(), display.state.slide.slide_id
+            self._send(
+                HTTPStatus.OK,
+                body,
+                "text/csv; charset=utf-8",
+                {"Content-Disposition": f'attachment; filename="{slide_id}.csv"'},
+            )
+        else:
+            self._error(HTTPStatus.NOT_FOUND, f"no such page: {path}")
+
+    def do_POST(self) -> None:
+        path = urlsplit(self.path).path
+        body = self._json_body()
+        if body is None:
+            return
+        display = self.server.display
+        if path == "/api/decision":
+            try:
+                with display.changed:
+                    decision = display.state.decide(
+                        body.get("run"), body.get("frame_id"), body.get("cell_id"), body.get("action"), body.get("label")
+                    )
+                    display.changed.notify_all()
+            except DecisionError as exc:
+                self._error(HTTPStatus.BAD_REQUEST, str(exc))
+                return
+            except OSError as exc:
+                self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"could not write the session file: {exc}")
+                return
+            self._send(HTTPStatus.OK, json.dumps(decision.as_json()).encode(), "application/json")
+        elif path == "/api/new-slide":
+            with display.changed:
+                slide = display.state.new_slide()
+                display.changed.notify_all()
+            reply = {"slide": slide.slide_id, "session_file": str(slide.session.path)}
+            self._send(HTTPStatus.OK, json.dumps(reply).encode(), "application/json")
+        else:
+            self._error(HTTPStatus.NOT_FOUND, f"no such endpoint: {path}")
+
+    # -- pieces -------------------------------------------------------------------------------
+    def _events(self) -> None:
+        """Server-Sent Events: the newest snapshot when something changed, at most every PUSH_INTERVAL_S."""
+        display = self.server.display
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Accel-Buffering", "no")
+        self.end_headers()
+        sent_version = -1
+        last_sent = 0.0
+        try:
+            self.wfile.write(b"retry: 1000\n\n")
+            while not display.stopping.is_set():
+                with display.changed:
+                    display.changed.wait_for(
+                        lambda: display.state.version != sent_version or display.stopping.is_set(),
+                        timeout=max(0.0, HEARTBEAT_S - (time.monotonic() - last_sent)),
+                    )
+                if display.stopping.is_set():
+                    break
+                sent_version, body = display.snapshot_json()
+                self.wfile.write(b"event: state\ndata: " + body + b"\n\n")
+                self.wfile.flush()
+                last_sent = time.monotonic()
+                time.sleep(PUSH_INTERVAL_S)  # coalesce: whatever arrives meanwhile goes out in the next one
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            pass  # the page went away; EventSource reconnects by itself
+
+    def _json_body(self) -> dict[str, Any] | None:
+        """The POST's JSON object, or None after answering with an error. Requires application/json
+        and a same-origin Origin, so another web page in the bench browser cannot post decisions."""
+        origin = self.headers.get("Origin")
+        if origin and urlsplit(origin).netloc != self.headers.get("Host"):
+            self._error(HTTPStatus.FORBIDDEN, "cross-origin requests are not accepted")
+            return None
+        if not (self.headers.get("Content-Type") or "").startswith("application/json"):
+            self._error(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send the request body as application/json")
+            return None
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if not 0 <= length <= MAX_BODY:
+            self._error(HTTPStatus.BAD_REQUEST, f"request body must be 0..{MAX_BODY} bytes")
+            return None
+        try:
+            body = json.loads(self.rfile.read(length) or b"{}")
+        except ValueError:
+            self._error(HTTPStatus.BAD_REQUEST, "request body is not valid JSON")
+            return None
+        if not isinstance(body, dict):
+            self._error(HTTPStatus.BAD_REQUEST, "request body must be a JSON object")
+            return None
+        return body
+
+    def _static(self, name: str) -> None:
+        if not re.fullmatch(r"[a-z0-9_-]+\.[a-z]+", name) or Path(name).suffix not in STATIC_TYPES:
+            self._error(HTTPStatus.NOT_FOUND, f"no such file: {name}")
+            return
+        resource = resources.files("edge.display").joinpath("static", name)
+        if not resource.is_file():
+            self._error(HTTPStatus.NOT_FOUND, f"no such file: {name}")
+            return
+        self._send(HTTPStatus.OK, resource.read_bytes(), STATIC_TYPES[Path(name).suffix], {"Cache-Control": "no-cache"})
+
+    def _image(self, jpeg: bytes | None, cache: bool) -> None:
+        if jpeg is None:
+            self._error(HTTPStatus.NOT_FOUND, "no such image (yet)")
+            return
+        headers = {"Cache-Control": "private, max-age=3600, immutable" if cache else "no-store"}
+        self._send(HTTPStatus.OK, jpeg, "image/jpeg", headers)
+
+    def _error(self, status: HTTPStatus, message: str) -> None:
+        self._send(status, json.dumps({"error": message}).encode(), "application/json")
+
+    def _send(self, status: HTTPStatus, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Content-Security-Policy", CSP)
+        self.send_header("Referrer-Policy", "no-referrer")
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        try:
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's signature
+        log.debug("%s %s", self.address_string(), format % args)
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise CytoedgeError(f"--listen wants HOST:PORT, e.g. 127.0.0.1:8080, not {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until interrupted; 0 on a clean stop, CytoedgeError (exit 1/2 via the CLI) otherwise."""
+    if args.stale_after <= 0:
+        raise CytoedgeError("--stale-after must be a positive number of seconds")
+    display = DisplayServer(
+        args.connect,
+        parse_listen(args.listen),
+        Path(args.sessions),
+        target=args.target,
+        stale_after_s=args.stale_after,
+    )
+    display.start()
+    log.warning("bench display at %s (publisher %s, sessions in %s)", display.url, args.connect, args.sessions)
+    print(f"cytoedge display: {display.url}  (Ctrl-C to stop)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        display.stop()

@@ -1,0 +1,181 @@
+"""The cell finder on real smear frames (bundled BCCD samples; the full set where available)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from edge.cellfinder import Detection, FinderParams, background_colour, cut_crops, find_cells
+from engines import eval_finder
+from tests.conftest import SAMPLES
+
+UM_PER_PX = 0.075  # bundled BCCD frames
+FRAMES = sorted(SAMPLES.glob("*.jpg"))
+
+
+def load(path: Path) -> np.ndarray:
+    image = cv2.imread(str(path))
+    assert image is not None, path
+    return image
+
+
+@pytest.fixture(scope="module")
+def found() -> dict[str, tuple[np.ndarray, list[Detection]]]:
+    """Each bundled frame with its detections, computed once for the module."""
+    assert len(FRAMES) == 20
+    return {path.stem: (image, find_cells(image, UM_PER_PX)) for path in FRAMES for image in [load(path)]}
+
+
+def wbc_boxes(detections: list[Detection]) -> list[tuple[int, int, int, int]]:
+    return sorted(d.bbox for d in detections if d.kind == "wbc")
+
+
+def test_bundled_frames_white_cell_recall_and_precision_meet_the_goal(found: dict) -> None:
+    """Goal: WBC recall >= 0.95 and precision >= 0.90 at IoU >= 0.5 against the VOC boxes."""
+    hits = truth = reported = 0
+    for name, (_image, detections) in found.items():
+        boxes = eval_finder.read_voc(SAMPLES / "annotations" / f"{name}.xml")["wbc"]
+        wbcs = [d for d in detections if d.kind == "wbc"]
+        hits += eval_finder.match(wbcs, boxes)
+        truth += len(boxes)
+        reported += len(wbcs)
+    assert truth >= 20
+    assert hits / truth >= 0.95
+    assert hits / reported >= 0.90
+
+
+def test_bundled_frames_platelet_recall_meets_the_goal(found: dict) -> None:
+    hits = truth = 0
+    for name, (_image, detections) in found.items():
+        boxes = eval_finder.read_voc(SAMPLES / "annotations" / f"{name}.xml")["platelet"]
+        hits += eval_finder.match([d for d in detections if d.kind == "platelet"], boxes)
+        truth += len(boxes)
+    assert hits / truth >= 0.80
+
+
+def test_detections_are_known_kinds_with_boxes_inside_the_frame_and_scores_in_0_1(found: dict) -> None:
+    kinds = set()
+    for image, detections in found.values():
+        height, width = image.shape[:2]
+        for d in detections:
+            x, y, w, h = d.bbox
+            assert all(isinstance(v, int) for v in d.bbox)
+            assert x >= 0 and y >= 0 and w >= 1 and h >= 1 and x + w <= width and y + h <= height
+            assert 0.0 <= d.score <= 1.0
+            kinds.add(d.kind)
+    assert kinds == {"wbc", "rbc", "platelet"}
+
+
+def test_cell_at_the_frame_edge_gets_a_clipped_box() -> None:
+    """A white cell cut by the frame edge is still found, its box ending at the edge."""
+    image = load(SAMPLES / "BloodImage_00015.jpg")  # white cell touching the top edge
+    boxes = wbc_boxes(find_cells(image, UM_PER_PX))
+    assert boxes and boxes[0][1] == 0
+
+
+def test_half_size_frame_with_double_scale_finds_the_same_white_cells(found: dict) -> None:
+    """Sizes are in micrometres, so a coarser camera finds the same cells at the same places."""
+    for image, detections in found.values():
+        small = cv2.resize(image, (image.shape[1] // 2, image.shape[0] // 2), interpolation=cv2.INTER_AREA)
+        full = wbc_boxes(detections)
+        half = wbc_boxes(find_cells(small, UM_PER_PX * 2))
+        assert len(half) == len(full)
+        for a, b in zip(full, half, strict=True):
+            scaled = tuple(2 * v for v in b)
+            assert eval_finder.iou(a, scaled) >= 0.85, (a, scaled)
+
+
+def test_crops_have_the_requested_shape_dtype_and_field() -> None:
+    image = load(FRAMES[0])
+    boxes = [(300, 200, 40, 40), (10, 10, 20, 20)]
+    crops = cut_crops(image, boxes, UM_PER_PX, field_um=6.0, size=32)
+    assert crops.shape == (2, 32, 32, 3) and crops.dtype == np.uint8
+    # 6 µm at 0.075 µm/px is an 80 px square centred on the box centre (320, 220)
+    expected = cv2.resize(image[180:260, 280:360], (32, 32), interpolation=cv2.INTER_AREA)
+    np.testing.assert_array_equal(crops[0], expected)
+
+
+def test_no_boxes_give_an_empty_batch_of_the_right_shape() -> None:
+    crops = cut_crops(load(FRAMES[0]), [], UM_PER_PX, 36.0, 64)
+    assert crops.shape == (0, 64, 64, 3) and crops.dtype == np.uint8
+
+
+def test_crop_past_the_frame_edge_is_padded_with_background_not_black() -> None:
+    """Training crops never show black borders, so padding must look like plasma."""
+    image = load(FRAMES[0])
+    crop = cut_crops(image, [(0, 0, 2, 2)], UM_PER_PX, field_um=36.0, size=64)[0]
+    fill = background_colour(image).astype(int)
+    corner = crop[:16, :16].reshape(-1, 3).astype(int)  # wholly outside the frame
+    assert np.abs(corner - fill).max() <= 1
+    assert fill.min() > 120  # the smear's background is bright, not black
+    inside = crop[40:, 40:]  # the frame itself
+    assert np.abs(inside.astype(int) - fill).max() > 20
+
+
+def test_crop_of_a_box_outside_the_frame_is_all_background() -> None:
+    image = load(FRAMES[0])
+    crop = cut_crops(image, [(5000, 5000, 10, 10)], UM_PER_PX, field_um=10.0, size=16)[0]
+    assert (crop == background_colour(image)).all()
+
+
+ODD_FRAMES = {
+    "blank": np.full((480, 640, 3), 255, np.uint8),
+    "black": np.zeros((480, 640, 3), np.uint8),
+    "tiny": np.full((3, 5, 3), 128, np.uint8),
+    "empty": np.zeros((0, 0, 3), np.uint8),
+    "one_channel": np.full((40, 60, 1), 200, np.uint8),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ODD_FRAMES))
+def test_odd_frames_give_no_cells_and_do_not_raise(name: str) -> None:
+    frame = ODD_FRAMES[name]
+    assert find_cells(frame, UM_PER_PX) == []
+    assert cut_crops(frame, [(0, 0, 1, 1)], UM_PER_PX, 36.0, 8).shape == (1, 8, 8, 3)
+
+
+def test_grey_and_bgra_frames_are_accepted() -> None:
+    """Grey has no stain colour (no white cells expected) but must not fail; BGRA finds what BGR finds."""
+    image = load(FRAMES[0])
+    grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+    assert all(d.kind == "rbc" for d in find_cells(grey, UM_PER_PX))
+    bgra = cv2.cvtColor(image, cv2.COLOR_BGR2BGRA)
+    assert find_cells(bgra, UM_PER_PX) == find_cells(image, UM_PER_PX)
+    assert cut_crops(grey, [(0, 0, 10, 10)], UM_PER_PX, 36.0, 16).shape == (1, 16, 16, 3)
+
+
+@pytest.mark.parametrize("bad", [np.zeros((8, 8, 3), np.float32), np.zeros((8, 8, 2), np.uint8),
+                                 np.zeros((2, 8, 8, 3), np.uint8), [[0, 1], [2, 3]]],
+                         ids=["float", "two_channels", "4d", "list"])
+def test_non_images_raise_value_error(bad: object) -> None:
+    with pytest.raises(ValueError, match="image must be"):
+        find_cells(bad, UM_PER_PX)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="image must be"):
+        cut_crops(bad, [], UM_PER_PX, 36.0, 8)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("nan")])
+def test_non_positive_scale_raises_value_error(scale: float) -> None:
+    with pytest.raises(ValueError, match="um_per_px"):
+        find_cells(load(FRAMES[0]), scale)
+
+
+def test_params_are_non_negative_numbers_so_the_config_can_validate_them() -> None:
+    for f in dataclasses.fields(FinderParams):
+        value = getattr(FinderParams(), f.name)
+        assert isinstance(value, (int, float)) and value >= 0, f.name
+
+
+@pytest.mark.slow
+def test_full_bccd_meets_the_goals(bccd_dir: Path) -> None:
+    """All 364 frames: WBC recall >= 0.95, precision >= 0.90; platelet recall >= 0.80."""
+    names = sorted(p.stem for p in (bccd_dir / "Annotations").glob("*.xml"))
+    total = eval_finder.tally(eval_finder.evaluate_frame(bccd_dir, n, FinderParams()) for n in names)
+    assert total.frames == 364
+    assert total.recall("wbc") >= 0.95
+    assert total.precision("wbc") >= 0.90
+    assert total.recall("platelet") >= 0.80
