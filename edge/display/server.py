@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import zmq
+
 from edge.client import Subscriber
 from edge.display.state import TARGETS, DecisionError, DisplayState
 from edge.errors import CytoedgeError
@@ -85,6 +87,12 @@ class DisplayServer:
         except OSError as exc:
             raise CytoedgeError(f"cannot serve the display on {listen[0]}:{listen[1]}: {exc.strerror}") from None
         self.httpd.display = self
+        try:
+            # Created here so a bad endpoint fails at start; only the subscriber thread uses it afterwards.
+            self.subscriber = Subscriber(connect, topics=TOPICS)
+        except zmq.ZMQError as exc:
+            self.httpd.server_close()
+            raise CytoedgeError(f"cannot subscribe to {connect}: {exc.strerror}") from None
         self._threads: list[threading.Thread] = []
 
     @property
@@ -109,19 +117,18 @@ class DisplayServer:
 
     def _subscribe(self) -> None:
         """Feed the state from the publisher; ZeroMQ reconnects by itself if the publisher restarts."""
-        with Subscriber(self.connect, topics=TOPICS) as subscriber:
+        with self.subscriber as subscriber:
             while not self.stopping.is_set():
                 received = subscriber.receive(timeout_s=0.25)
+                stats = subscriber.stats
                 with self.changed:
                     if received is not None:
                         self.state.handle(received.topic, received.payload)
-                    if subscriber.stats.malformed or subscriber.stats.gaps:
-                        # The Subscriber skipped what decode() rejected; show those in the same count.
-                        self.state.malformed = self._own_malformed + subscriber.stats.malformed
-                        self.state.missed = subscriber.stats.gaps
+                    if (stats.malformed, stats.gaps) != (self.state.rejected_by_decoder, self.state.missed):
+                        # What decode() rejected never reaches handle(); the Subscriber counted it.
+                        self.state.rejected_by_decoder, self.state.missed = stats.malformed, stats.gaps
+                        self.state.version += 1
                     self.changed.notify_all()
-
-    _own_malformed = 0  # set by handle() failures below via the state's counter
 
     def snapshot_json(self) -> tuple[int, bytes]:
         with self.lock:
@@ -312,7 +319,7 @@ def run(args: argparse.Namespace) -> int:
         stale_after_s=args.stale_after,
     )
     display.start()
-    log.warning("bench display at %s (publisher %s, sessions in %s)", display.url, args.connect, args.sessions)
+    log.info("bench display at %s (publisher %s, sessions in %s)", display.url, args.connect, args.sessions)
     print(f"cytoedge display: {display.url}  (Ctrl-C to stop)", flush=True)
     try:
         while True:

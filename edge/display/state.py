@@ -211,6 +211,7 @@ class DisplayState:
         self.stale_after_s = stale_after_s
         self.clock = clock
         self.malformed = 0  # payloads that failed edge.messages.decode or the checks below
+        self.rejected_by_decoder = 0  # malformed payloads the server's Subscriber skipped before handle()
         self.received = 0
         self.missed = 0  # from seq gaps (filled in by the server from its Subscriber)
         self.last_message_at: float | None = None
@@ -453,7 +454,7 @@ class DisplayState:
                 "queue_depth": status.get("queue_depth"),
                 "final": bool(status.get("final", False)),
                 "warnings": warnings,
-                "malformed": self.malformed,
+                "malformed": self.malformed + self.rejected_by_decoder,
                 "missed": self.missed,
                 "received": self.received,
                 "run": self.run,
