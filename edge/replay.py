@@ -189,7 +189,10 @@ class _SessionReader(_Reader):
                         yield _Item(None, None, None, problem=f"{self.index}:{number}: not a valid index entry")
                     continue
                 name, stamp = entry
-                file = (self.folder / name).resolve()
+                try:
+                    file = (self.folder / name).resolve()
+                except (OSError, ValueError):  # e.g. an embedded NUL byte
+                    file = self.folder
                 if self.folder.resolve() not in file.parents:
                     yield _Item(
                         None, None, None, problem=f"{self.index}:{number}: frame path leaves the session folder"

@@ -9,6 +9,7 @@ snapshot at most `PUSH_INTERVAL_S` apart, so a fast publisher never builds a bac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import re
@@ -186,7 +187,11 @@ class _Handler(BaseHTTPRequestHandler):
             try:
                 with display.changed:
                     decision = display.state.decide(
-                        body.get("run"), body.get("frame_id"), body.get("cell_id"), body.get("action"), body.get("label")
+                        body.get("run"),
+                        body.get("frame_id"),
+                        body.get("cell_id"),
+                        body.get("action"),
+                        body.get("label"),
                     )
                     display.changed.notify_all()
             except DecisionError as exc:
@@ -219,11 +224,13 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             self.wfile.write(b"retry: 1000\n\n")
             while not display.stopping.is_set():
+                deadline = last_sent + HEARTBEAT_S
                 with display.changed:
-                    display.changed.wait_for(
-                        lambda: display.state.version != sent_version or display.stopping.is_set(),
-                        timeout=max(0.0, HEARTBEAT_S - (time.monotonic() - last_sent)),
-                    )
+                    while display.state.version == sent_version and not display.stopping.is_set():
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            break
+                        display.changed.wait(remaining)
                 if display.stopping.is_set():
                     break
                 sent_version, body = display.snapshot_json()
@@ -291,12 +298,10 @@ class _Handler(BaseHTTPRequestHandler):
         for name, value in (headers or {}).items():
             self.send_header(name, value)
         self.end_headers()
-        try:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             self.wfile.write(body)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's signature
+    def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
 
 
