@@ -76,6 +76,11 @@ RULES: dict[str, dict[str, Rule]] = {
         "uncertainty": Rule(NUMBER, "a number from 0 to 1", _unit),
         "anomaly": Rule(NUMBER, "a number from 0 to 1", _unit),
     },
+    "drift": {
+        "enabled": Rule(bool, "true or false"),
+        "window": Rule(int, "an integer from 10 to 10000", lambda v: 10 <= v <= 10_000),
+        "alpha": Rule(NUMBER, "a probability between 0 and 0.5", lambda v: 0 < v < 0.5),
+    },
     "publish": {
         "endpoint": Rule(str, "a ZeroMQ endpoint such as 'tcp://127.0.0.1:5555'", _endpoint),
         "status_interval_s": Rule(NUMBER, "seconds, from 0.05 to 1", lambda v: 0.05 <= v <= 1.0),
@@ -83,6 +88,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "preview_interval_s": Rule(NUMBER, "seconds >= 0 (0 = no previews)", _non_negative),
         "preview_width": Rule(int, "pixels, from 64 to 4096", lambda v: 64 <= v <= 4096),
         "thumbs": Rule(bool, "true or false"),
+        "warmup_s": Rule(NUMBER, "seconds, from 0 to 10", lambda v: 0 <= v <= 10),
     },
     "pipeline": {
         "queue_size": Rule(int, "an integer from 1 to 1000", lambda v: 1 <= v <= 1000),

@@ -21,6 +21,7 @@ from edge.audit import AuditLog
 from edge.cellfinder import FinderParams, find_cells
 from edge.classifier import Classifier
 from edge.config import Config
+from edge.drift import ALARM_TEXT, DomainAlarm, features
 from edge.framequeue import FrameQueue
 from edge.frames import Frame
 from edge.messages import TOPIC_CELLS, TOPIC_PREVIEW, TOPIC_STATUS, TOPIC_THUMB
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 # A live source's capture loop updates `heartbeat` (time.monotonic()) on every attempt, frame or not.
 HEARTBEAT_FRESH_S = 5.0
+KEEP = object()  # request_swap: leave this part as it is
 
 
 class FrameSource(Protocol):
@@ -98,6 +100,7 @@ class Pipeline:
         audit: AuditLog | None = None,
         notifier: Notifier | None = None,
         latency_window: int = 1000,
+        alarm: DomainAlarm | None = None,
     ) -> None:
         self.source = source
         self.classifier = classifier
@@ -105,6 +108,7 @@ class Pipeline:
         self.settings = settings
         self.audit = audit
         self.notifier = notifier
+        self.alarm = alarm
         self.queue = FrameQueue(settings.queue_size, drop_oldest=source.live)
         self.latency = LatencyWindow(latency_window)
         self.rate = RateMeter()
@@ -128,13 +132,17 @@ class Pipeline:
         self._stopped_by_request = True
         self.stop_requested.set()
 
-    def request_swap(self, classifier: Classifier | None = None, settings: Settings | None = None) -> None:
+    def request_swap(
+        self, classifier: Classifier | None = None, settings: Settings | None = None, alarm: object = KEEP
+    ) -> None:
         """Queue a new model/settings; applied between frames by the loop thread, which owns them."""
         with self._pending_lock:
             if classifier is not None:
                 self._pending["classifier"] = classifier
             if settings is not None:
                 self._pending["settings"] = settings
+            if alarm is not KEEP:
+                self._pending["alarm"] = alarm
 
     # -- main loop -------------------------------------------------------------------------
     def run(self) -> int:
@@ -187,6 +195,8 @@ class Pipeline:
             log.info("now classifying with %s", self.classifier.model_id)
         if "settings" in pending:
             self.settings = pending["settings"]
+        if "alarm" in pending:
+            self.alarm = pending["alarm"]
 
     def _process_safely(self, frame: Frame) -> None:
         try:
@@ -213,6 +223,7 @@ class Pipeline:
             settings.review_uncertainty,
             settings.review_anomaly,
         )
+        alarm_on = self._check_domain(cells, crops)
         classified = time.monotonic()
         message = self.publisher.publish(
             TOPIC_CELLS,
@@ -222,7 +233,7 @@ class Pipeline:
                 "source": frame.source,
                 "model": self.classifier.model_id,
                 "frame_size": [int(frame.image.shape[1]), int(frame.image.shape[0])],
-                "domain_alarm": False,
+                "domain_alarm": alarm_on,
                 "cells": cells,
                 "latency_ms": {
                     "queue": round(queue_ms, 3),
@@ -247,6 +258,33 @@ class Pipeline:
             self.audit.write(message)
         self._progress()
         return message
+
+    def _check_domain(self, cells: list[dict[str, Any]], crops: dict[int, np.ndarray]) -> bool:
+        """Feed the white cells to the domain alarm; while it is on, every cell goes to review."""
+        if self.alarm is None:
+            return False
+        white = [c for c in cells if c["kind"] == "wbc" and c["id"] in crops]
+        if white:
+            was_on = self.alarm.active
+            self.alarm.update(
+                [c["label"] for c in white],
+                features(
+                    np.array([c["anomaly"] for c in white]),
+                    np.array([c["uncertainty"] for c in white]),
+                    np.stack([crops[c["id"]] for c in white]),
+                ),
+            )
+            if self.alarm.active != was_on:
+                log.warning(
+                    "domain alarm %s: %s",
+                    "ON" if self.alarm.active else "cleared",
+                    ", ".join(f"{k} {v:.2f}" for k, v in self.alarm.last_distances.items()),
+                )
+        if self.alarm.active:
+            for cell in cells:
+                if cell["label"] is not None:
+                    cell["review"] = True
+        return self.alarm.active
 
     def _publish_images(
         self, frame: Frame, cells: list[dict[str, Any]], crops: dict[int, np.ndarray], cells_seq: int
@@ -299,6 +337,8 @@ class Pipeline:
     def status_payload(self, final: bool = False) -> dict[str, Any]:
         source_stats = self.source.stats
         warnings = list(self.counters.warnings)
+        if self.alarm is not None and self.alarm.active:
+            warnings.insert(0, ALARM_TEXT)
         if source_stats.skipped:
             warnings.append(f"{source_stats.skipped} unreadable frame(s) skipped")
         if self.counters.errors:

@@ -9,18 +9,37 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
 from edge.audit import AuditLog
+from edge.classifier import Classifier
 from edge.config import Config
+from edge.drift import DomainAlarm, load_reference
 from edge.models import open_classifier
 from edge.pipeline import Notifier, Pipeline, Settings
 from edge.publisher import Publisher
 from edge.sources import open_source
 
 log = logging.getLogger(__name__)
+
+
+def build_alarm(classifier: Classifier, config: Config) -> DomainAlarm | None:
+    """The model's in-domain reference decides what 'unlike the training data' means; no reference, no alarm."""
+    drift = config["drift"]
+    if not drift["enabled"]:
+        return None
+    try:
+        reference = load_reference(classifier.path, classifier.metadata.reference, getattr(classifier, "sha256", ""))
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        log.warning("domain alarm off: the model's reference is unusable (%s)", exc)
+        return None
+    if reference is None:
+        log.warning("domain alarm off: model %s has no in-domain reference", classifier.model_id)
+        return None
+    return DomainAlarm(reference, window=drift["window"], min_cells=min(30, drift["window"]), alpha=drift["alpha"])
 
 
 def build_pipeline(
@@ -33,6 +52,8 @@ def build_pipeline(
     security = config["security"]
     curve = (Path(security["server_key"]), Path(security["authorized_keys"])) if security["curve"] else None
     publisher = Publisher(config["publish"]["endpoint"], config["publish"]["send_hwm"], curve=curve)
+    # ZeroMQ's slow joiner: a subscriber that was already waiting needs a moment to finish connecting.
+    time.sleep(config["publish"]["warmup_s"])
     return Pipeline(
         frame_source,
         classifier,
@@ -41,6 +62,7 @@ def build_pipeline(
         audit=audit,
         notifier=notifier,  # type: ignore[arg-type]
         latency_window=latency_window,
+        alarm=build_alarm(classifier, config),
     )
 
 

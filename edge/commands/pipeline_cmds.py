@@ -10,7 +10,7 @@ from edge import config as cfg
 from edge.errors import CytoedgeError
 from edge.models import open_classifier
 from edge.pipeline import Pipeline, Settings
-from edge.service import build_pipeline, run_pipeline
+from edge.service import build_alarm, build_pipeline, run_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,8 @@ def reload(pipeline: Pipeline, config_path: str | None, current: cfg.Config, not
         classifier = None
         if new["model"] != current["model"]:
             classifier = open_classifier(new["model"]["path"], new["model"]["backend"], new["model"]["threads"])
-        pipeline.request_swap(classifier=classifier, settings=Settings.from_config(new))
+        alarm = build_alarm(classifier or pipeline.classifier, new)
+        pipeline.request_swap(classifier=classifier, settings=Settings.from_config(new), alarm=alarm)
         current.update({k: v for k, v in new.items() if k not in ("source", "publish")})
         log.info("reload: configuration from %s applied", config_path or "defaults")
     except CytoedgeError as exc:

@@ -1,0 +1,105 @@
+"""The domain alarm: quiet on cells like the training data, loud on another microscope's."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO, SAMPLES
+
+from edge.client import Subscriber
+from edge.drift import ALARM_TEXT, DomainAlarm, Reference, ks_distance
+from edge.messages import TOPIC_CELLS, TOPIC_STATUS
+
+
+def normal_reference(rng: np.random.Generator) -> Reference:
+    labels = np.array(["a"] * 500 + ["b"] * 500)
+    values = np.concatenate([rng.normal(0, 1, 500), rng.normal(5, 1, 500)]).astype(np.float32)
+    return Reference.from_samples({"anomaly": values}, labels)
+
+
+def test_ks_distance_matches_the_textbook_value() -> None:
+    quantiles = np.linspace(0, 1, 101, dtype=np.float32)  # uniform(0, 1) reference
+    sample = np.array([0.1, 0.2, 0.9], np.float32)
+    cdf = Reference({"x": {"anomaly": quantiles}}, {"x": 100}).mixture_cdf("anomaly", {"x": 1.0})
+    # Empirical CDF jumps to 2/3 at 0.2 where the uniform CDF is 0.2.
+    assert ks_distance(sample, cdf) == pytest.approx(2 / 3 - 0.2, abs=1e-6)
+
+
+def test_class_mix_alone_does_not_raise_the_alarm() -> None:
+    rng = np.random.default_rng(1)
+    alarm = DomainAlarm(normal_reference(rng), window=60, min_cells=30)
+    for _ in range(300):  # a slide that is all class "b": a different mix, but the same cells
+        alarm.update(["b"], {"anomaly": rng.normal(5, 1, 1)})
+        assert not alarm.active
+
+
+def test_shifted_cells_raise_the_alarm_and_it_clears_when_they_go() -> None:
+    rng = np.random.default_rng(2)
+    alarm = DomainAlarm(normal_reference(rng), window=60, min_cells=30)
+    for _ in range(60):
+        alarm.update(["a"], {"anomaly": rng.normal(2.5, 1, 1)})
+    assert alarm.active
+    for _ in range(120):
+        alarm.update(["a"], {"anomaly": rng.normal(0, 1, 1)})
+    assert not alarm.active
+
+
+def replay_and_watch(folder: Path, endpoint: str, um_per_px: float, tmp_path: Path, *extra: str) -> list[dict]:
+    config = tmp_path / "c.toml"
+    config.write_text(f"[microscope]\num_per_px = {um_per_px}\n")
+    messages: list[dict] = []
+    with Subscriber(endpoint, topics=(TOPIC_CELLS, TOPIC_STATUS)) as subscriber:
+        process = subprocess.Popen([sys.executable, "-m", "edge", "-q", "replay", str(folder), "--publish", endpoint,
+                                    "--config", str(config), *extra], cwd=REPO, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            received = subscriber.receive(0.5)
+            if received is None:
+                if process.poll() is not None:
+                    break
+                continue
+            messages.append({"topic": received.topic, **received.payload})
+            if received.payload.get("final"):
+                break
+        process.terminate()
+        process.communicate(timeout=20)
+    return messages
+
+
+def test_bccd_frames_from_another_microscope_raise_the_alarm_and_flag_every_cell(endpoint: str,
+                                                                                 tmp_path: Path) -> None:
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for loop in range(3):  # 60 frames, about 65 white cells: enough for the 60-cell window
+        for path in sorted(SAMPLES.glob("*.jpg")):
+            shutil.copy(path, frames / f"{loop}-{path.name}")
+    messages = replay_and_watch(frames, endpoint, 0.075, tmp_path, "--pace", "max")
+    cells = [m for m in messages if m["topic"] == TOPIC_CELLS]
+    statuses = [m for m in messages if m["topic"] == TOPIC_STATUS]
+    assert cells and cells[-1]["domain_alarm"] is True
+    alarmed = [m for m in cells if m["domain_alarm"]]
+    assert all(c["review"] for m in alarmed for c in m["cells"] if c["label"] is not None)
+    assert any(ALARM_TEXT in s["warnings"] for s in statuses)
+
+
+def test_pbc_cells_at_their_own_scale_do_not_raise_the_alarm(pbc_dir: Path, endpoint: str, tmp_path: Path) -> None:
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    rng = random.Random(3)
+    mix = {"neutrophil": 45, "lymphocyte": 25, "monocyte": 6, "eosinophil": 4}
+    for label, count in mix.items():
+        for index, path in enumerate(rng.sample(sorted((pbc_dir / label).glob("*.jpg")), count)):
+            shutil.copy(path, frames / f"{rng.random():.6f}-{label}-{index}.jpg")
+    messages = replay_and_watch(frames, endpoint, 0.25, tmp_path, "--pace", "max")
+    cells = [m for m in messages if m["topic"] == TOPIC_CELLS]
+    white = sum(1 for m in cells for c in m["cells"] if c["kind"] == "wbc")
+    assert len(cells) == 80 and white >= 60, (len(cells), white)
+    assert not any(m["domain_alarm"] for m in cells)
+    assert not any(ALARM_TEXT in m.get("warnings", []) for m in messages)
