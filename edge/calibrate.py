@@ -49,8 +49,10 @@ class ScaleEstimate:
     passes: int
 
     def summary(self) -> str:
-        return (f"um_per_px = {self.um_per_px:.4f} (median red cell {self.median_px:.1f} px, "
-                f"IQR {self.iqr_px:.1f} px, {self.count} cells in {self.frames} frame(s))")
+        return (
+            f"um_per_px = {self.um_per_px:.4f} (median red cell {self.median_px:.1f} px, "
+            f"IQR {self.iqr_px:.1f} px, {self.count} cells in {self.frames} frame(s))"
+        )
 
 
 @dataclass(frozen=True)
@@ -62,12 +64,15 @@ class FocusEstimate:
     count: int
 
     def summary(self) -> str:
-        return (f"min_sharpness = {self.threshold:.1f} (good frames: median {self.median:.1f}, "
-                f"range {self.low:.1f}..{self.high:.1f}, {self.count} frame(s))")
+        return (
+            f"min_sharpness = {self.threshold:.1f} (good frames: median {self.median:.1f}, "
+            f"range {self.low:.1f}..{self.high:.1f}, {self.count} frame(s))"
+        )
 
 
-def _red_cell_diameters(frames: Sequence[np.ndarray], um_per_px: float, params: FinderParams,
-                        rbc_diameter_um: float) -> np.ndarray:
+def _red_cell_diameters(
+    frames: Sequence[np.ndarray], um_per_px: float, params: FinderParams, rbc_diameter_um: float
+) -> np.ndarray:
     search = dataclasses.replace(
         params,
         rbc_min_diameter_um=rbc_diameter_um / _SEARCH_RATIO,
@@ -136,8 +141,9 @@ def estimate_focus_threshold(frames: Iterable[np.ndarray], fraction: float = 0.4
     return FocusEstimate(round(threshold, 2), median, float(values.min()), float(values.max()), len(values))
 
 
-def grab_frames(source: Any, count: int, stop: threading.Event | None = None, timeout_s: float = 60.0,
-                every: int = 1) -> list[np.ndarray]:
+def grab_frames(
+    source: Any, count: int, stop: threading.Event | None = None, timeout_s: float = 60.0, every: int = 1
+) -> list[np.ndarray]:
     """The next ``count`` frames of any source (camera or replay), keeping every ``every``-th one so a
     live camera gives frames a little apart; stops early at the end of a replay or after ``timeout_s``."""
     stop = stop or threading.Event()
@@ -216,7 +222,7 @@ def set_toml_value(path: str | Path, section: str, key: str, value: Any) -> None
 
 def _trailing_comment(rest: str) -> str:
     """The `  # comment` after a simple value, if any (values with '#' inside strings keep none)."""
-    match = re.match(r'^(?:"[^"#]*"|[^"#\[]*|\[[^"#]*\])(\s*#.*)$', rest)
+    match = re.match(r'^(?:"[^"#]*"|[^"#\[]*?|\[[^"#]*\])(\s*#.*)$', rest)
     return match.group(1) if match else ""
 
 

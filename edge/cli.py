@@ -125,14 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_optional_commands(commands: argparse._SubParsersAction) -> None:
-    """Commands whose modules may be absent in a trimmed build register themselves here."""
-    try:
-        from edge.display import server as display_server
-    except ImportError:
-        return
+    """The display's flags live with the display; its module (and zmq) load only when it runs."""
+    from edge.display.flags import add_arguments
+
     display = commands.add_parser("display", help="serve the bench display page for a publisher")
-    display_server.add_arguments(display)
-    display.set_defaults(handler=display_server.run)
+    add_arguments(display)
+    display.set_defaults(handler=_lazy("edge.display.server", "run"))
 
 
 def _lazy(module: str, name: str) -> Handler:

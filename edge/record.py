@@ -48,8 +48,9 @@ class RecordSummary:
 
     def summary(self) -> str:
         seconds = max(0.0, self.ended_at - self.started_at)
-        return (f"recorded {self.frames} frame(s) in {seconds:.1f} s to {self.out_dir} "
-                f"({self.bytes_written / 1e6:.1f} MB)")
+        return (
+            f"recorded {self.frames} frame(s) in {seconds:.1f} s to {self.out_dir} ({self.bytes_written / 1e6:.1f} MB)"
+        )
 
 
 def _encode(image: Any, fmt: str, quality: int) -> bytes:

@@ -109,8 +109,9 @@ class ResBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """A small UNet for 32 px: pixel-unshuffle to 16 px, then levels at 16/8/4 px with ``widths`` channels, one ResBlock per level on
-    each path, two in the middle; no attention (too costly on a CPU for the gain at this size).
+    """A small UNet for 32 px: pixel-unshuffle to 16 px, then levels at 16/8/4 px with ``widths``
+    channels, one ResBlock per level on each path, two in the middle; no attention (too costly on a
+    CPU for the gain at this size).
     Class index ``num_classes`` is the null class (unconditional prediction)."""
 
     def __init__(self, num_classes: int, widths: tuple[int, ...] = (48, 96, 128), emb: int = 128,
@@ -121,8 +122,8 @@ class UNet(nn.Module):
         self.emb_dim = emb
         self.time_mlp = nn.Sequential(nn.Linear(emb, emb), nn.SiLU(), nn.Linear(emb, emb))
         self.class_emb = nn.Embedding(num_classes + 1, emb)
-        # Pixel-unshuffle by ``patch``: a 32 px image becomes 16x16x12, which cuts the cost ~4x while the
-        # network still sees (and predicts) every pixel.
+        # Pixel-unshuffle by ``patch``: a 32 px image becomes 16x16x12, which cuts the cost ~4x while
+        # the network still sees (and predicts) every pixel.
         self.stem = nn.Conv2d(3 * patch * patch, widths[0], 3, padding=1)
         self.down = nn.ModuleList()
         self.pool = nn.ModuleList()
@@ -265,7 +266,7 @@ def train(root: Path, cfg: DiffusionConfig, out: Path, resume: bool = True, log=
     out = Path(out)
     if resume and out.is_file():
         state = torch.load(out, map_location="cpu", weights_only=False)
-        budget_keys = ("minutes", "max_steps")
+        budget_keys = ("minutes", "max_steps", "threads")  # none of these change the maths
         same = {k: v for k, v in state["config"].items() if k not in budget_keys} == {
             k: v for k, v in json.loads(json.dumps(asdict(cfg))).items() if k not in budget_keys}
         if not same:

@@ -47,7 +47,7 @@ PRIMARY_ANOMALY = "lr_gap"
 
 def default_timesteps(k: int = 8, low: int = 50, high: int = 500) -> list[int]:
     """K fixed, evenly spaced timesteps in [low, high] (deterministic: no sampling at test time)."""
-    return [int(round(v)) for v in np.linspace(low, high, k)] if k > 1 else [int((low + high) / 2)]
+    return [round(float(v)) for v in np.linspace(low, high, k)] if k > 1 else [(low + high) // 2]
 
 
 def trial_noise(trial: int, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         k, per_class = 2, per_class or 4
     cfg = ScoreConfig(timesteps=tuple(default_timesteps(k)), seed=args.seed,
                       prune_after=0 if args.no_prune else args.prune_after, keep=args.keep)
-    assert T_STEPS >= max(cfg.timesteps)
+    assert max(cfg.timesteps) <= T_STEPS
     label_split(args.teacher, root, args.split, args.out, cfg, per_class=per_class, threads=args.threads)
     return 0
 

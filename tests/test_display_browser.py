@@ -14,6 +14,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,17 +35,24 @@ CLASSES = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocy
 ARTIFACTS = REPO / "artifacts"
 STALE_AFTER_S = 1.5
 
-# Cells drawn on the sample frame: (bbox, kind, model label, flagged for review). The white cell in
-# BloodImage_00007 sits near the centre; the rest are plausible red cells and platelets.
-FRAME_CELLS: list[tuple[list[int], str, str | None, bool]] = [
-    ([255, 190, 150, 140], "wbc", "neutrophil", False),
-    ([60, 40, 90, 90], "wbc", "lymphocyte", True),
-    ([480, 300, 90, 90], "wbc", "monocyte", False),
-    ([420, 60, 30, 30], "platelet", "platelet", False),
-    ([20, 300, 100, 100], "rbc", None, False),
-    ([130, 330, 100, 100], "rbc", None, False),
-    ([540, 150, 90, 90], "rbc", None, False),
-]
+ANNOTATION = SAMPLES / "annotations" / "BloodImage_00007.xml"
+# The frame's one white cell is given these labels in turn (frame_id % 3), so the differential has
+# three classes; the lymphocyte calls are the uncertain ones that go to review.
+WBC_LABELS = ("neutrophil", "lymphocyte", "monocyte")
+FLAGGED_LABEL = "lymphocyte"
+PLATELET_BOX = [425, 272, 24, 24]  # the small dark body right of the white cell (not in the annotation)
+
+
+def frame_boxes() -> list[tuple[list[int], str]]:
+    """The cells of the sample frame from its BCCD annotation (VOC xmin..ymax -> [x, y, w, h])."""
+    kinds = {"WBC": "wbc", "RBC": "rbc", "Platelets": "platelet"}
+    boxes = []
+    for obj in ET.parse(ANNOTATION).getroot().iter("object"):
+        box = obj.find("bndbox")
+        assert box is not None
+        x0, y0, x1, y1 = (int(box.findtext(k) or 0) for k in ("xmin", "ymin", "xmax", "ymax"))
+        boxes.append(([x0, y0, x1 - x0, y1 - y0], kinds[obj.findtext("name") or ""]))
+    return [*boxes, (PLATELET_BOX, "platelet")]
 
 
 # -- the publisher side, in one fixture ---------------------------------------------------------
@@ -68,6 +76,7 @@ class HandPublisher:
         image = cv2.imread(str(FRAME))
         assert image is not None, FRAME
         self._image = image
+        self._boxes = frame_boxes()
         self._frames_sent = 0
         self._context = zmq.Context()
         self._socket = self._context.socket(zmq.XPUB)
@@ -139,8 +148,10 @@ class HandPublisher:
         frame_id = self._frames_sent
         self._frames_sent += 1
         cells = []
-        for cell_id, (bbox, kind, label, review) in enumerate(FRAME_CELLS):
+        for cell_id, (bbox, kind) in enumerate(self._boxes):
             classified = kind != "rbc"
+            label = {"wbc": WBC_LABELS[frame_id % len(WBC_LABELS)], "platelet": "platelet"}.get(kind)
+            review = label == FLAGGED_LABEL
             probs = None
             if classified:
                 runner_up = "monocyte" if label != "monocyte" else "lymphocyte"
@@ -286,12 +297,15 @@ def page() -> Iterator[Any]:
                     "--disable-sync",
                 ],
             )
+            errors: list[str] = []
             try:
                 browser_page = context.pages[0] if context.pages else context.new_page()
                 browser_page.set_default_timeout(15_000)
+                browser_page.on("pageerror", lambda error: errors.append(str(error)))
                 yield browser_page
             finally:
                 context.close()
+            assert not errors, f"the page's script failed: {errors}"
     finally:
         shutil.rmtree(profile, ignore_errors=True)
 
@@ -341,10 +355,10 @@ def test_page_shows_the_published_differential_takes_a_correction_and_warns_when
     publisher: HandPublisher, display: DisplayServer, page: Any
 ) -> None:
     page.goto(display.url)
-    publisher.publish_frames(40)  # full rate: no pacing at all
+    publisher.publish_frames(105)  # full rate: no pacing at all
     white, platelets, red = tally(publisher.published_cells())
     total = sum(white.values())
-    assert total == 120
+    assert (total, platelets, red) == (105, 105, 17 * 105)
 
     # The differential on the page is what was published.
     wait_for_text(page, "#white-total", str(total))
@@ -362,12 +376,13 @@ def test_page_shows_the_published_differential_takes_a_correction_and_warns_when
     assert page.locator("#h-source-state").inner_text() == "streaming"
     assert page.locator("#h-model").inner_text() == "baseline-cnn-1.0@6531d5388013"
     assert page.locator("#h-malformed").inner_text() == "0"
+    assert page.locator("#h-domain-alarm").inner_text() == "off"
     assert "<b>not</b>" in page.locator("#warnings").inner_text()
     assert page.locator("#warnings b").count() == 0
 
     # The preview and the flagged cells (newest first) with their thumbnails.
     page.wait_for_function("document.getElementById('preview').naturalWidth > 0")
-    newest = f"{publisher.run}/39/1"
+    newest = f"{publisher.run}/103/0"
     card = page.locator(f'#queue li.card[data-key="{newest}"]')
     card.wait_for()
     assert page.locator("#queue li.card").first.get_attribute("data-key") == newest
@@ -383,7 +398,7 @@ def test_page_shows_the_published_differential_takes_a_correction_and_warns_when
     assert page_counts(page) == {**white, "lymphocyte": white["lymphocyte"] - 1, "monocyte": white["monocyte"] + 1}
     assert page.locator("#white-total").inner_text() == str(total)
     assert "corrected to monocyte" in card.locator(".decision").inner_text()
-    older = page.locator(f'#queue li.card[data-key="{publisher.run}/38/1"]')
+    older = page.locator(f'#queue li.card[data-key="{publisher.run}/100/0"]')
     older.locator("button.accept").click()
     older.locator(".decision", has_text="accepted lymphocyte").wait_for()
     wait_for_text(page, "#reviewed", "2")
@@ -391,11 +406,12 @@ def test_page_shows_the_published_differential_takes_a_correction_and_warns_when
     session_file = display.state.slide.session.path
     decisions = [json.loads(line) for line in session_file.read_text().splitlines()]
     assert [(d["frame_id"], d["cell_id"], d["model_label"], d["reviewer_label"], d["action"]) for d in decisions] == [
-        (39, 1, "lymphocyte", "monocyte", "correct"),
-        (38, 1, "lymphocyte", "lymphocyte", "accept"),
+        (103, 0, "lymphocyte", "monocyte", "correct"),
+        (100, 0, "lymphocyte", "lymphocyte", "accept"),
     ]
     assert all(d["run"] == publisher.run and isinstance(d["time"], float) for d in decisions)
 
+    page.locator("#message").evaluate("toast => { toast.hidden = true; }")  # a clean picture for the docs
     paths = save_screenshot(page, "display.png")
     (REPO / "docs" / "img").mkdir(exist_ok=True)
     shutil.copyfile(paths[0], REPO / "docs" / "img" / "display.png")
@@ -413,12 +429,12 @@ def test_new_slide_zeroes_the_page_and_export_downloads_the_slide_csv(
 ) -> None:
     page.goto(display.url)
     publisher.publish_frames(10)
-    wait_for_text(page, "#white-total", "30")
+    wait_for_text(page, "#white-total", "10")
     first_file = page.locator("#session-file").inner_text()
 
     page.locator("#new-slide").click()
     assert page.locator("#new-slide").inner_text() == "Confirm new slide"  # a single touch does nothing yet
-    assert page.locator("#white-total").inner_text() == "30"
+    assert page.locator("#white-total").inner_text() == "10"
     page.locator("#new-slide").click()
     wait_for_text(page, "#white-total", "0")
     assert page.locator("#platelets").inner_text() == "0"
@@ -426,16 +442,16 @@ def test_new_slide_zeroes_the_page_and_export_downloads_the_slide_csv(
     assert page.locator("#session-file").inner_text() != first_file
 
     publisher.publish_frames(5)
-    wait_for_text(page, "#white-total", "15")
+    wait_for_text(page, "#white-total", "5")  # frames 10..14: lymphocyte, monocyte, neutrophil, ...
     with page.expect_download() as download_info:
         page.locator("#export-csv").click()
     download = download_info.value
     assert download.suggested_filename == f"{display.state.slide.slide_id}.csv"
     rows = Path(download.path()).read_text().splitlines()
     assert rows[0] == "class,count,percent"
-    assert "neutrophil,5,33.3" in rows
-    assert "white_cells_total,15,100.0" in rows
-    assert "platelets,5," in rows and "red_cells,15," in rows
+    assert "neutrophil,1,20.0" in rows and "lymphocyte,2,40.0" in rows and "monocyte,2,40.0" in rows
+    assert "white_cells_total,5,100.0" in rows
+    assert "platelets,5," in rows and "red_cells,85," in rows
 
 
 def test_page_fits_a_portrait_tablet_without_sideways_scrolling(
@@ -444,12 +460,40 @@ def test_page_fits_a_portrait_tablet_without_sideways_scrolling(
     page.set_viewport_size({"width": 800, "height": 1280})
     page.goto(display.url)
     publisher.publish_frames(3)
-    wait_for_text(page, "#white-total", "9")
+    wait_for_text(page, "#white-total", "3")
     page.locator("#queue li.card").first.wait_for()
     assert page.evaluate("document.documentElement.scrollWidth") <= 800
     accept = page.locator("#queue li.card button.accept").first.bounding_box()
     assert accept is not None and accept["height"] >= 36  # big enough for a finger
     save_screenshot(page, "display-tablet.png")
+
+
+def test_keyboard_decides_on_the_focused_card_and_h_holds_the_queue(
+    publisher: HandPublisher, display: DisplayServer, page: Any
+) -> None:
+    page.goto(display.url)
+    publisher.publish_frames(5)  # frames 1 and 4 carry a flagged lymphocyte
+    wait_for_text(page, "#white-total", "5")
+    card = page.locator(f'#queue li.card[data-key="{publisher.run}/4/0"]')
+    card.focus()
+    page.keyboard.press("ArrowDown")  # to the older card (frame 1)
+    older = page.locator(f'#queue li.card[data-key="{publisher.run}/1/0"]')
+    assert older.evaluate("node => node === document.activeElement")
+    page.keyboard.press(str(CLASSES.index("eosinophil") + 1))
+    older.locator(".decision", has_text="corrected to eosinophil").wait_for()
+    wait_for_text(page, '#diff-body tr[data-class="eosinophil"] td.count', "1")
+    card.focus()
+    page.keyboard.press("a")
+    card.locator(".decision", has_text="accepted lymphocyte").wait_for()
+    page.keyboard.press("h")
+    assert page.locator("#hold").get_attribute("aria-pressed") == "true"
+    publisher.publish_frames(3)  # frame 7 is flagged but the held queue does not move
+    wait_for_text(page, "#white-total", "8")
+    assert page.locator(f'#queue li.card[data-key="{publisher.run}/7/0"]').count() == 0
+    page.locator("#hold").click()
+    page.locator(f'#queue li.card[data-key="{publisher.run}/7/0"]').wait_for()
+    lines = display.state.slide.session.path.read_text().splitlines()
+    assert [json.loads(line)["reviewer_label"] for line in lines] == ["eosinophil", "lymphocyte"]
 
 
 # -- the HTTP side, no browser needed ------------------------------------------------------------
@@ -494,7 +538,7 @@ def test_decisions_for_unknown_cells_or_classes_get_400_with_the_reason(
     while display.state.slide.frames < 1 and time.monotonic() < deadline:
         time.sleep(0.05)
     url = display.url + "api/decision"
-    cell = {"run": publisher.run, "frame_id": 0, "cell_id": 1}
+    cell = {"run": publisher.run, "frame_id": 0, "cell_id": 0}  # the white cell, a neutrophil
 
     status, reply = post(url, {**cell, "cell_id": 99, "action": "correct", "label": "monocyte"})
     assert status == 400 and "unknown cell" in reply["error"]
@@ -508,7 +552,7 @@ def test_decisions_for_unknown_cells_or_classes_get_400_with_the_reason(
 
     status, reply = post(url, {**cell, "action": "correct", "label": "monocyte"})
     assert status == 200 and reply["reviewer_label"] == "monocyte"
-    assert display.state.slide.white["monocyte"] == 2
+    assert dict(display.state.slide.white) == {"monocyte": 1}
 
 
 def test_page_script_never_writes_message_data_as_html() -> None:

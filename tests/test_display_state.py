@@ -322,7 +322,7 @@ def test_review_queue_is_bounded_and_drops_decided_cards_first(display: DisplayS
     assert 0 not in kept and 1 not in kept  # decided one went first, then the oldest
 
 
-def test_status_fills_the_health_panel_and_the_domain_alarm_becomes_a_warning(display: DisplayState) -> None:
+def test_status_fills_the_health_panel_and_the_latest_cells_set_the_domain_alarm(display: DisplayState) -> None:
     display.handle(TOPIC_STATUS, status_message())
     message = cells_message(0, [cell(0, "wbc", "neutrophil", review=True)])
     message["domain_alarm"] = True
@@ -333,8 +333,10 @@ def test_status_fills_the_health_panel_and_the_domain_alarm_becomes_a_warning(di
     assert health["dropped"] == 3
     assert health["source_state"] == "streaming"
     assert health["model"] == "baseline-cnn-1@abc"
-    assert health["warnings"][0].startswith("domain alarm")
-    assert "1 unreadable frame(s) skipped" in health["warnings"]
+    assert health["domain_alarm"] is True
+    assert health["warnings"] == ["1 unreadable frame(s) skipped"]
+    display.handle(TOPIC_CELLS, cells_message(1, [cell(0, "wbc", "neutrophil")]))
+    assert display.snapshot()["health"]["domain_alarm"] is False
 
 
 def test_preview_keeps_only_the_latest_jpeg(display: DisplayState) -> None:

@@ -235,6 +235,8 @@ class LiveCapture:
         self.heartbeat = time.monotonic()
         self.duplicates = 0  # repeated frames not passed on
         self.connections = 0  # connections that delivered frames
+        self.failures = 0  # consecutive failed connections (0 while streaming)
+        self.last_problem = ""  # why the last connection ended or could not be made
         self._abandoned: list[_Connection] = []
         self._end_reason = ""
 
@@ -242,7 +244,7 @@ class LiveCapture:
         """Yield frames until ``stop`` is set; reconnect on every failure; raise SourceError when the
         policy's attempts are used up."""
         backoff = Backoff(self.policy.initial_s, self.policy.max_s, self.policy.factor)
-        failures = 0
+        self.failures = 0
         while not stop.is_set():
             self.heartbeat = time.monotonic()
             streamed = False
@@ -254,7 +256,7 @@ class LiveCapture:
                     for grab in self._stream(connection, stop):
                         if not streamed:
                             streamed = True
-                            failures = 0
+                            self.failures = 0
                             backoff.reset()
                             self.connections += 1
                             self.tracker.set("streaming", "frames arriving")
@@ -271,14 +273,15 @@ class LiveCapture:
                         self._abandoned.append(connection)
             if stop.is_set():
                 return
-            failures += 1
-            if self.policy.max_attempts and failures >= self.policy.max_attempts:
-                message = f"gave up after {failures} failed attempt(s): {reason}"
+            self.failures += 1
+            self.last_problem = reason
+            if self.policy.max_attempts and self.failures >= self.policy.max_attempts:
+                message = f"gave up after {self.failures} failed attempt(s): {reason}"
                 self.tracker.set("failed", message)
                 raise SourceError(f"camera {self.name}: {message}")
             delay = backoff.next_delay()
             self.tracker.set("reconnecting", f"{reason}; retrying")
-            log.debug("camera %s: attempt %d failed (%s); next in %.2f s", self.name, failures, reason, delay)
+            log.debug("camera %s: attempt %d failed (%s); next in %.2f s", self.name, self.failures, reason, delay)
             if self._sleep(delay, stop):
                 return
 
@@ -358,9 +361,7 @@ class LiveSource:
 
     live = True
 
-    def __init__(
-        self, name: str, policy: ReconnectPolicy, on_state: StateCallback | None, max_pixels: int
-    ) -> None:
+    def __init__(self, name: str, policy: ReconnectPolicy, on_state: StateCallback | None, max_pixels: int) -> None:
         self._name = name
         self.policy = policy
         self.max_pixels = max_pixels

@@ -163,8 +163,11 @@ class OpenCVSource(LiveSource):
         self.colour_gains = tuple(colour_gains) if colour_gains else None
         super().__init__(self.spec.label, policy or ReconnectPolicy(), on_state, max_pixels)
         if self.spec.kind != "v4l2" and (width or height or fps or exposure_us or analogue_gain or colour_gains):
-            log.info("camera %s: size/fps/exposure settings apply to V4L2 devices only; set them in the "
-                     "GStreamer pipeline or at the stream's server", self.name)
+            log.info(
+                "camera %s: size/fps/exposure settings apply to V4L2 devices only; set them in the "
+                "GStreamer pipeline or at the stream's server",
+                self.name,
+            )
 
     def _open(self) -> Device:
         spec = self.spec
@@ -175,8 +178,12 @@ class OpenCVSource(LiveSource):
         params: list[int] = []
         if spec.kind == "url":
             timeout_ms = int(self.policy.stall_timeout_s * 1000)
-            params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(self.policy.open_timeout_s * 1000),
-                      cv2.CAP_PROP_READ_TIMEOUT_MSEC, timeout_ms]
+            params = [
+                cv2.CAP_PROP_OPEN_TIMEOUT_MSEC,
+                int(self.policy.open_timeout_s * 1000),
+                cv2.CAP_PROP_READ_TIMEOUT_MSEC,
+                timeout_ms,
+            ]
         capture = cv2.VideoCapture(spec.target, spec.api, params)
         if not capture.isOpened():
             capture.release()
@@ -191,14 +198,18 @@ class OpenCVSource(LiveSource):
         wanted: list[tuple[str, int, float]] = []
         if self.width and self.height:
             wanted.append(("FOURCC", cv2.CAP_PROP_FOURCC, cv2.VideoWriter.fourcc(*"MJPG")))
-            wanted += [("width", cv2.CAP_PROP_FRAME_WIDTH, self.width), ("height", cv2.CAP_PROP_FRAME_HEIGHT,
-                                                                          self.height)]
+            wanted += [
+                ("width", cv2.CAP_PROP_FRAME_WIDTH, self.width),
+                ("height", cv2.CAP_PROP_FRAME_HEIGHT, self.height),
+            ]
         if self.fps:
             wanted.append(("fps", cv2.CAP_PROP_FPS, self.fps))
         if self.exposure_us:
             # V4L2 auto-exposure menu: 1 = manual; exposure_absolute is in units of 100 us
-            wanted += [("manual exposure", cv2.CAP_PROP_AUTO_EXPOSURE, 1),
-                       ("exposure", cv2.CAP_PROP_EXPOSURE, max(1, round(self.exposure_us / 100)))]
+            wanted += [
+                ("manual exposure", cv2.CAP_PROP_AUTO_EXPOSURE, 1),
+                ("exposure", cv2.CAP_PROP_EXPOSURE, max(1, round(self.exposure_us / 100))),
+            ]
         if self.analogue_gain:
             wanted.append(("gain", cv2.CAP_PROP_GAIN, self.analogue_gain))
         if self.colour_gains:
@@ -209,5 +220,6 @@ class OpenCVSource(LiveSource):
         if self.width and self.height:
             got = (int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)))
             if got != (self.width, self.height):
-                log.warning("camera %s delivers %dx%d, not the configured %dx%d", self.name, *got, self.width,
-                            self.height)
+                log.warning(
+                    "camera %s delivers %dx%d, not the configured %dx%d", self.name, *got, self.width, self.height
+                )

@@ -85,8 +85,9 @@ class _PiDevice:
         captured = sensor_to_unix(sensor_ns) if isinstance(sensor_ns, int) else None
         if captured is None:
             if not self._warned_clock:
-                log.warning("camera %s: SensorTimestamp %r is not on the monotonic clock; using read time",
-                            self.name, sensor_ns)
+                log.warning(
+                    "camera %s: SensorTimestamp %r is not on the monotonic clock; using read time", self.name, sensor_ns
+                )
                 self._warned_clock = True
             captured = read_at
         if self._report_auto:
@@ -94,8 +95,11 @@ class _PiDevice:
             log.warning(
                 "camera %s runs with automatic exposure/white balance; to lock the current values set "
                 "camera.exposure_us = %s, camera.analogue_gain = %s, camera.colour_gains = %s",
-                self.name, metadata.get("ExposureTime"), _round(metadata.get("AnalogueGain")),
-                _round(metadata.get("ColourGains")))
+                self.name,
+                metadata.get("ExposureTime"),
+                _round(metadata.get("AnalogueGain")),
+                _round(metadata.get("ColourGains")),
+            )
         return Grab(image, captured, float(sensor_ns) if isinstance(sensor_ns, int) else None)
 
     def close(self) -> None:
@@ -140,8 +144,10 @@ class Picamera2Source(LiveSource):
             raise SourceError(f"camera.fps must be > 0 for a Pi camera, got {fps}")
         frame_us = round(1_000_000 / fps)
         if exposure_us < 0 or exposure_us > frame_us:
-            raise SourceError(f"camera.exposure_us = {exposure_us} does not fit in a frame at {fps:g} fps "
-                              f"(at most {frame_us} us); lower it or the frame rate")
+            raise SourceError(
+                f"camera.exposure_us = {exposure_us} does not fit in a frame at {fps:g} fps "
+                f"(at most {frame_us} us); lower it or the frame rate"
+            )
         if colour_gains and (len(colour_gains) != 2 or not all(0 < g <= 32 for g in colour_gains)):
             raise SourceError(f"camera.colour_gains must be [red, blue] gains in (0, 32], got {colour_gains!r}")
         self.camera_num = int(camera_num)

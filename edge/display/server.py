@@ -25,9 +25,11 @@ from urllib.parse import urlsplit
 import zmq
 
 from edge.client import Subscriber
-from edge.display.state import TARGETS, DecisionError, DisplayState
-from edge.errors import CytoedgeError
+from edge.display.flags import add_arguments  # noqa: F401  (re-exported for callers)
+from edge.display.state import DecisionError, DisplayState
+from edge.errors import ConfigError, CytoedgeError
 from edge.messages import TOPICS
+from edge.security import ClientKeys, client_keys_from_flags
 
 log = logging.getLogger(__name__)
 
@@ -45,28 +47,6 @@ STATIC_TYPES = {
 CSP = "default-src 'self'; img-src 'self'; style-src 'self'; script-src 'self'; connect-src 'self'"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of `cytoedge display` (the CLI owns the sub-parser)."""
-    parser.add_argument("--connect", required=True, metavar="ENDPOINT", help="publisher, e.g. tcp://127.0.0.1:5555")
-    parser.add_argument(
-        "--listen",
-        default="127.0.0.1:8080",
-        metavar="HOST:PORT",
-        help="where the page is served (default 127.0.0.1:8080; 0.0.0.0:8080 for a tablet on the bench network)",
-    )
-    parser.add_argument("--target", type=int, choices=TARGETS, default=100, help="white cells per differential")
-    parser.add_argument(
-        "--sessions", default="sessions", metavar="DIR", help="folder for review session files (default ./sessions)"
-    )
-    parser.add_argument(
-        "--stale-after",
-        type=float,
-        default=3.0,
-        metavar="S",
-        help="warn on the page when nothing arrived for this many seconds (default 3)",
-    )
-
-
 class DisplayServer:
     """The subscriber thread, the shared state and the HTTP server, started and stopped together."""
 
@@ -77,6 +57,7 @@ class DisplayServer:
         sessions_dir: Path,
         target: int = 100,
         stale_after_s: float = 3.0,
+        curve: ClientKeys | None = None,
     ) -> None:
         self.connect = connect
         self.state = DisplayState(sessions_dir, target=target, stale_after_s=stale_after_s)
@@ -90,10 +71,10 @@ class DisplayServer:
         self.httpd.display = self
         try:
             # Created here so a bad endpoint fails at start; only the subscriber thread uses it afterwards.
-            self.subscriber = Subscriber(connect, topics=TOPICS)
+            self.subscriber = Subscriber(connect, topics=TOPICS, curve=curve)
         except zmq.ZMQError as exc:
             self.httpd.server_close()
-            raise CytoedgeError(f"cannot subscribe to {connect}: {exc.strerror}") from None
+            raise ConfigError(f"cannot subscribe to {connect}: {exc.strerror}") from None
         self._threads: list[threading.Thread] = []
 
     @property
@@ -308,20 +289,26 @@ class _Handler(BaseHTTPRequestHandler):
 def parse_listen(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise CytoedgeError(f"--listen wants HOST:PORT, e.g. 127.0.0.1:8080, not {text!r}")
+        raise ConfigError(f"--listen wants HOST:PORT, e.g. 127.0.0.1:8080, not {text!r}")
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Serve until interrupted; 0 on a clean stop, CytoedgeError (exit 1/2 via the CLI) otherwise."""
+    """Serve until interrupted (the CLI turns Ctrl-C into 130); CytoedgeError for what the user can fix."""
     if args.stale_after <= 0:
-        raise CytoedgeError("--stale-after must be a positive number of seconds")
+        raise ConfigError("--stale-after must be a positive number of seconds")
+    sessions = Path(args.sessions)
+    try:
+        sessions.mkdir(parents=True, exist_ok=True)  # fail now, not at the first reviewer click
+    except OSError as exc:
+        raise CytoedgeError(f"cannot create the sessions folder {sessions}: {exc.strerror}") from None
     display = DisplayServer(
         args.connect,
         parse_listen(args.listen),
-        Path(args.sessions),
+        sessions,
         target=args.target,
         stale_after_s=args.stale_after,
+        curve=client_keys_from_flags(args.server_key, args.client_key),
     )
     display.start()
     log.info("bench display at %s (publisher %s, sessions in %s)", display.url, args.connect, args.sessions)

@@ -90,7 +90,7 @@ class ReviewItem:
             "uncertainty": self.uncertainty,
             "anomaly": self.anomaly,
             "decision": self.decision,
-            "thumb": f"/thumb/{self.serial}.jpg",
+            "thumb": f"/thumb/{self.serial}.jpg",  # serials restart with the server; the page adds the cell
         }
 
 
@@ -416,8 +416,6 @@ class DisplayState:
         latency = status.get("latency_ms", {}).get("total", {}) if isinstance(status.get("latency_ms"), dict) else {}
         frames = status.get("frames") if isinstance(status.get("frames"), dict) else {}
         warnings = [str(w) for w in status.get("warnings", [])][:10] if status else []
-        if self.domain_alarm:
-            warnings.insert(0, "domain alarm: images look unlike the training data; every cell goes to review")
         total = sum(slide.white.values())
         age = None if self.last_message_at is None else max(0.0, now - self.last_message_at)
         return {
@@ -453,6 +451,7 @@ class DisplayState:
                 "model": status.get("model"),
                 "queue_depth": status.get("queue_depth"),
                 "final": bool(status.get("final", False)),
+                "domain_alarm": self.domain_alarm,  # from the latest `cells`: shown on its own, not as a warning
                 "warnings": warnings,
                 "malformed": self.malformed + self.rejected_by_decoder,
                 "missed": self.missed,

@@ -11,7 +11,8 @@ let connected = false;
 let held = false;
 let previewKey = "";
 let newSlideArmed = 0; // timer id while "New slide" waits for its second press
-const cards = new Map(); // serial -> <li> of the review queue (kept, so a card under a finger stays put)
+const cards = new Map(); // "run/frame/cell" -> <li> of the review queue (kept, so a card under a finger stays put)
+const cardKey = (item) => `${item.run}/${item.frame_id}/${item.cell_id}`;
 
 function el(tag, props = {}, children = []) {
   const node = document.createElement(tag);
@@ -63,21 +64,20 @@ function updateBanner() {
   const banner = $("stale-banner");
   if (!snapshot) return;
   const sinceSnapshot = (performance.now() - receivedAt) / 1000;
-  if (!connected || sinceSnapshot > 3) {
-    banner.textContent = `No connection to the display server for ${Math.round(sinceSnapshot)} s — reconnecting…`;
-    banner.hidden = false;
-    return;
-  }
   const age = snapshot.last_message_age_s;
-  if (age === null) {
-    banner.textContent = "No data from the publisher yet — is cytoedge running and publishing?";
-    banner.hidden = false;
+  let text = "";
+  if (!connected || sinceSnapshot > 3) {
+    text = `No connection to the display server for ${Math.round(sinceSnapshot)} s — reconnecting…`;
+  } else if (age === null) {
+    text = "No data from the publisher yet — is cytoedge running and publishing?";
   } else if (age + sinceSnapshot > snapshot.stale_after_s) {
-    banner.textContent = `No data for ${Math.round(age + sinceSnapshot)} s — the publisher may have stopped`;
-    banner.hidden = false;
-  } else {
-    banner.hidden = true;
+    text = `No data for ${Math.round(age + sinceSnapshot)} s — the publisher may have stopped`;
   }
+  banner.textContent = text;
+  banner.hidden = !text;
+  // Health figures are the last ones received: say so while they may be out of date.
+  $("health-title").textContent = text ? "Health (last known)" : "Health";
+  document.querySelector(".health").classList.toggle("stale", Boolean(text));
 }
 
 // -- rendering --------------------------------------------------------------------------------
@@ -139,6 +139,8 @@ function renderHealth(h) {
   $("h-dropped").textContent = h.dropped ?? "–";
   $("h-missed").textContent = String(h.missed);
   $("h-malformed").textContent = String(h.malformed);
+  $("h-domain-alarm").textContent = h.domain_alarm ? "ON: all to review" : "off";
+  $("h-domain-alarm").classList.toggle("alarm", Boolean(h.domain_alarm));
   $("h-model").textContent = h.model ?? "–";
   $("h-run").textContent = h.run ?? "–";
   const items = h.warnings.map((w) => el("li", { text: w }));
@@ -154,17 +156,17 @@ function renderQueue(s) {
   $("queue-empty").hidden = wanted.length > 0 || list.children.length > 0;
   if (held) {
     // Frozen: no cards added, moved or removed; only decisions on the cards shown are updated.
-    for (const item of wanted) if (cards.has(item.serial)) updateCard(cards.get(item.serial), item, s.classes);
+    for (const item of wanted) if (cards.has(cardKey(item))) updateCard(cards.get(cardKey(item)), item, s.classes);
     return;
   }
-  const keep = new Set(wanted.map((item) => item.serial));
-  for (const [serial, card] of cards) {
-    if (!keep.has(serial)) { card.remove(); cards.delete(serial); }
+  const keep = new Set(wanted.map(cardKey));
+  for (const [key, card] of cards) {
+    if (!keep.has(key)) { card.remove(); cards.delete(key); }
   }
   let previous = null;
   for (const item of wanted) {
-    let card = cards.get(item.serial);
-    if (!card) { card = makeCard(item); cards.set(item.serial, card); }
+    let card = cards.get(cardKey(item));
+    if (!card) { card = makeCard(item); cards.set(cardKey(item), card); }
     updateCard(card, item, s.classes);
     const expected = previous ? previous.nextSibling : list.firstChild;
     if (card !== expected) list.insertBefore(card, expected);
@@ -174,9 +176,10 @@ function renderQueue(s) {
 
 function makeCard(item) {
   const cell = { run: item.run, frame_id: item.frame_id, cell_id: item.cell_id };
-  const card = el("li", { className: "card", tabIndex: 0, dataset: { key: `${item.run}/${item.frame_id}/${item.cell_id}`, label: item.label } });
+  const card = el("li", { className: "card", tabIndex: 0, dataset: { key: cardKey(item), label: item.label } });
   const img = el("img", { alt: `cell ${item.cell_id} of frame ${item.frame_id}`, width: 96, height: 96 });
-  img.src = `/thumb/${Number(item.serial)}.jpg`;
+  // The cell in the query keeps a browser cache from mixing up crops across server restarts.
+  img.src = `/thumb/${Number(item.serial)}.jpg?cell=${encodeURIComponent(cardKey(item))}`;
   const top = el("ol", { className: "top" }, item.top.map(([name, p]) => el("li", { text: `${name} ${fmt(100 * p, 0)}%` })));
   const meta = el("p", { className: "muted small", text: `frame ${item.frame_id} · cell ${item.cell_id} · unc ${fmt(item.uncertainty, 2)} · anom ${fmt(item.anomaly, 2)}` });
   const accept = el("button", { type: "button", className: "button accept", text: `Accept ${item.label}` });
