@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import platform
 import sys
 import time
@@ -273,6 +274,7 @@ def evaluate(fp32: Path, int8: Path, images: np.ndarray, labels: np.ndarray, cla
     agree = a32 == a8
     per_class = {c: float(agree[labels == i].mean()) if (labels == i).any() else float("nan")
                  for i, c in enumerate(classes)}
+    load_before = os.getloadavg()[0]
     t32 = time_per_cell(fp32, images[:256], repeats=timing_repeats, threads=threads)
     t8 = time_per_cell(int8, images[:256], repeats=timing_repeats, threads=threads)
     loss = (m32["balanced_accuracy"] - m8["balanced_accuracy"]) * 100
@@ -290,6 +292,8 @@ def evaluate(fp32: Path, int8: Path, images: np.ndarray, labels: np.ndarray, cla
                  "met": bool(agree.mean() >= GOAL_AGREEMENT and loss <= GOAL_MAX_LOSS_POINTS)},
         "timing": {"fp32": t32, "int8": t8},
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "runtime": "ONNX Runtime " + __import__("onnxruntime").__version__ + ", CPUExecutionProvider",
         "fp32_model": {"path": str(fp32.relative_to(REPO)) if fp32.is_relative_to(REPO) else str(fp32),
                        "sha256": file_sha256(fp32), "bytes": fp32.stat().st_size},
@@ -303,6 +307,7 @@ def render_report(report: dict[str, Any], manifest: dict[str, Any]) -> str:
     pct = lambda v: f"{v * 100:.2f}%"  # noqa: E731
     fp32_t, int8_t = report["timing"]["fp32"], report["timing"]["int8"]
     counts = ", ".join(f"{k} {v}" for k, v in manifest["counts"].items())
+    load = report.get("load_average_1m", ["?", "?"])
     lines = [
         "# INT8 (Q/DQ) vs FP32: PBC test split, ONNX Runtime on the CPU",
         "",
@@ -339,7 +344,10 @@ def render_report(report: dict[str, Any], manifest: dict[str, Any]) -> str:
                      f"{pct(report['fp32']['per_class_recall'][c])} | {pct(report['int8']['per_class_recall'][c])} |")
     lines += [
         "",
-        "Timing is the median of repeated runs on a shared 2-core VM; indicative only. These are ONNX Runtime CPU",
+        f"Timing is the median of repeated runs on a shared {report.get('cpus', '?')}-CPU VM whose 1-minute load "
+        f"average was {load[0]} before and {load[1]} "
+        "after the timing (other jobs were running): indicative only, and slower than on an idle machine. "
+        "These are ONNX Runtime CPU",
         "figures for the Q/DQ file; TensorRT INT8 engines built from it on the Jetson are measured by",
         "`deploy/jetson-selftest.sh`, not here.",
         "",

@@ -64,6 +64,42 @@ RULES: dict[str, dict[str, Rule]] = {
         "fps": Rule(NUMBER, "a number of frames per second > 0", _positive),
         "loop": Rule(bool, "true or false"),
     },
+    "camera": {
+        "device": Rule(
+            (int, str),
+            "a camera index >= 0, a /dev path, a GStreamer pipeline, a file or a URL",
+            lambda v: (v >= 0) if isinstance(v, int) else bool(v.strip()),
+        ),
+        "width": Rule(int, "0 (camera default) or 16..10000", lambda v: v == 0 or 16 <= v <= 10_000),
+        "height": Rule(int, "0 (camera default) or 16..10000", lambda v: v == 0 or 16 <= v <= 10_000),
+        "fps": Rule(NUMBER, "0 (camera default) or 0.1..240", lambda v: v == 0 or 0.1 <= v <= 240),
+        "exposure_us": Rule(int, "0 (auto) to 10000000 microseconds", lambda v: 0 <= v <= 10_000_000),
+        "analogue_gain": Rule(NUMBER, "0 (auto) to 64", lambda v: 0 <= v <= 64),
+        "colour_gains": Rule(
+            list,
+            "[] (auto) or [red, blue] gains, each in (0, 32]",
+            lambda v: (
+                v == []
+                or (
+                    len(v) == 2
+                    and all(isinstance(g, (int, float)) and not isinstance(g, bool) and 0 < g <= 32 for g in v)
+                )
+            ),
+        ),
+        "stall_timeout_s": Rule(NUMBER, "seconds, 0.1..600", lambda v: 0.1 <= v <= 600),
+        "open_timeout_s": Rule(NUMBER, "seconds, 1..600", lambda v: 1 <= v <= 600),
+        "reconnect_initial_s": Rule(NUMBER, "seconds, 0.01..600", lambda v: 0.01 <= v <= 600),
+        "reconnect_max_s": Rule(NUMBER, "seconds, 0.01..3600", lambda v: 0.01 <= v <= 3600),
+        "max_reconnects": Rule(int, "0 (forever) to 1000000", lambda v: 0 <= v <= 1_000_000),
+        "frozen_frames": Rule(int, "0 (off) to 10000", lambda v: 0 <= v <= 10_000),
+    },
+    "quality": {
+        "enabled": Rule(bool, "true or false"),
+        "min_sharpness": Rule(NUMBER, "a number >= 0 (0 = no focus check)", _non_negative),
+        "min_brightness": Rule(NUMBER, "a grey level 0..255", lambda v: 0 <= v <= 255),
+        "max_brightness": Rule(NUMBER, "a grey level 0..255", lambda v: 0 <= v <= 255),
+        "max_clipped": Rule(NUMBER, "a fraction 0..1", _unit),
+    },
     "microscope": {
         "um_per_px": Rule(NUMBER, "micrometres per pixel, a number > 0 (typically 0.03..1)", _positive),
     },
@@ -162,6 +198,11 @@ def _check_together(config: Config, origin: str) -> None:
     """Rules that involve several keys: results must not leave the machine unencrypted by accident."""
     from edge.security import is_loopback
 
+    camera, quality = config["camera"], config["quality"]
+    if camera["reconnect_initial_s"] > camera["reconnect_max_s"]:
+        raise ConfigError(f"{origin}: camera.reconnect_initial_s must not exceed camera.reconnect_max_s")
+    if quality["min_brightness"] >= quality["max_brightness"]:
+        raise ConfigError(f"{origin}: quality.min_brightness must be below quality.max_brightness")
     security = config["security"]
     if security["curve"]:
         for key in ("server_key", "authorized_keys"):
@@ -179,7 +220,7 @@ def _checked(name: str, value: Any, rule: Rule, origin: str) -> Any:
     type_ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
     if not type_ok or not rule.check(value):
         raise ConfigError(f"{origin}: {name} = {value!r} is not allowed; expected {rule.allowed}")
-    return float(value) if float in kinds and isinstance(value, int) else value
+    return float(value) if float in kinds and int not in kinds and isinstance(value, int) else value
 
 
 def load(path: str | Path | None) -> Config:
@@ -228,5 +269,7 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
     escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
     return f'"{escaped}"'

@@ -131,3 +131,7 @@ def _check_cells(cells: Any) -> None:
                 raise MessageError(f"cell {name} must be a number or null")
         if not isinstance(cell["review"], bool):
             raise MessageError("cell review must be true or false")
+        if "first_seen" in cell and not isinstance(cell["first_seen"], bool):
+            raise MessageError("cell first_seen must be true or false")
+        if "track" in cell and not _is_int(cell["track"]):
+            raise MessageError("cell track must be an integer")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -26,7 +27,9 @@ from edge.framequeue import FrameQueue
 from edge.frames import Frame
 from edge.messages import TOPIC_CELLS, TOPIC_PREVIEW, TOPIC_STATUS, TOPIC_THUMB
 from edge.publisher import Publisher
+from edge.quality import QualityParams, assess, no_cells
 from edge.stats import LatencyWindow, RateMeter
+from edge.tracker import CellTracker
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +68,7 @@ class Settings:
     thumbs: bool
     queue_size: int
     max_cells: int
+    quality: QualityParams
 
     @classmethod
     def from_config(cls, config: Config) -> Settings:
@@ -79,6 +83,7 @@ class Settings:
             thumbs=config["publish"]["thumbs"],
             queue_size=config["pipeline"]["queue_size"],
             max_cells=config["pipeline"]["max_cells_per_frame"],
+            quality=QualityParams(**config["quality"]),
         )
 
 
@@ -87,6 +92,8 @@ class Counters:
     published: int = 0
     errors: int = 0
     truncated_cells: int = 0
+    rejected: int = 0
+    last_rejection: str = ""
     warnings: list[str] = field(default_factory=list)
 
 
@@ -109,6 +116,11 @@ class Pipeline:
         self.audit = audit
         self.notifier = notifier
         self.alarm = alarm
+        self.tracker = CellTracker()
+        # A camera reports state changes from its own thread; the loop publishes them (it owns the socket).
+        self._state_changes: deque[tuple[str, str]] = deque(maxlen=100)
+        if hasattr(source, "on_state"):
+            source.on_state = lambda state, reason: self._state_changes.append((state, reason))
         self.queue = FrameQueue(settings.queue_size, drop_oldest=source.live)
         self.latency = LatencyWindow(latency_window)
         self.rate = RateMeter()
@@ -160,6 +172,9 @@ class Pipeline:
                     break
                 elif self.notifier is not None and self._source_is_alive():
                     self.notifier.watchdog()
+                while self._state_changes:
+                    state, reason = self._state_changes.popleft()
+                    self._publish_status(source_state=state, reason=reason)
                 source_changed = self.source.state != self._last_source_state
                 if source_changed or time.monotonic() - self._last_status >= self.settings.status_interval_s:
                     self._publish_status()
@@ -206,11 +221,20 @@ class Pipeline:
             log.exception("frame %s from %s could not be processed; skipped", frame.frame_id, frame.source)
 
     # -- one frame -------------------------------------------------------------------------
-    def process(self, frame: Frame) -> dict[str, Any]:
+    def process(self, frame: Frame) -> dict[str, Any] | None:
+        """Classify and publish one frame; None when the quality gate turned it away (counted)."""
         settings = self.settings
         started = time.monotonic()
         queue_ms = (started - frame.read_at) * 1000.0
-        detections = find_cells(frame.image, settings.um_per_px, settings.finder)
+        problem = assess(frame.image, settings.quality)
+        if problem is None:
+            detections = find_cells(frame.image, settings.um_per_px, settings.finder)
+            problem = no_cells(detections) if settings.quality.enabled else None
+        if problem is not None:
+            self.counters.rejected += 1
+            self.counters.last_rejection = problem
+            self._progress()
+            return None
         if len(detections) > settings.max_cells:
             self.counters.truncated_cells += len(detections) - settings.max_cells
             detections = detections[: settings.max_cells]
@@ -223,6 +247,7 @@ class Pipeline:
             settings.review_uncertainty,
             settings.review_anomaly,
         )
+        self.tracker.assign(cells, crops)
         alarm_on = self._check_domain(cells, crops)
         classified = time.monotonic()
         message = self.publisher.publish(
@@ -263,7 +288,8 @@ class Pipeline:
         """Feed the white cells to the domain alarm; while it is on, every cell goes to review."""
         if self.alarm is None:
             return False
-        white = [c for c in cells if c["kind"] == "wbc" and c["id"] in crops]
+        # Each cell once: a cell held in view must not outvote the rest of the slide.
+        white = [c for c in cells if c["kind"] == "wbc" and c["first_seen"] and c["id"] in crops]
         if white:
             was_on = self.alarm.active
             self.alarm.update(
@@ -292,7 +318,7 @@ class Pipeline:
         settings = self.settings
         if settings.thumbs:
             for cell in cells:
-                if cell["review"] and cell["id"] in crops:
+                if cell["review"] and cell["first_seen"] and cell["id"] in crops:
                     top = sorted(cell["probs"].items(), key=lambda item: -item[1])[:3]
                     self.publisher.publish(
                         TOPIC_THUMB,
@@ -343,6 +369,10 @@ class Pipeline:
             warnings.append(f"{source_stats.skipped} unreadable frame(s) skipped")
         if self.counters.errors:
             warnings.append(f"{self.counters.errors} frame(s) failed to process")
+        if self.counters.rejected:
+            warnings.append(
+                f"{self.counters.rejected} frame(s) rejected by the quality gate (last: {self.counters.last_rejection})"
+            )
         if self.counters.truncated_cells:
             warnings.append(f"{self.counters.truncated_cells} cell(s) over the per-frame cap not classified")
         return {
@@ -355,7 +385,7 @@ class Pipeline:
                 "published": self.counters.published,
                 "dropped": self.queue.dropped,
                 "skipped": source_stats.skipped,
-                "rejected": 0,
+                "rejected": self.counters.rejected,
                 "errors": self.counters.errors,
             },
             "latency_ms": self.latency.summary(),
@@ -366,10 +396,13 @@ class Pipeline:
             "final": final,
         }
 
-    def _publish_status(self, final: bool = False) -> None:
+    def _publish_status(self, final: bool = False, source_state: str | None = None, reason: str = "") -> None:
         self._last_status = time.monotonic()
         self._last_source_state = self.source.state
         payload = self.status_payload(final)
+        if source_state is not None:  # a queued change: report that state, even if it has moved on since
+            payload["source_state"] = source_state
+            payload["source_reason"] = reason
         self.publisher.publish(TOPIC_STATUS, payload)
         if self.notifier is not None:
             self.notifier.status(

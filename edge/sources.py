@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edge.config import Config
 from edge.errors import ConfigError, SourceError
 from edge.replay import ReplaySource
+
+if TYPE_CHECKING:
+    from edge.capture import LiveSource
 
 
 def bundled_samples() -> Path:
@@ -14,7 +18,7 @@ def bundled_samples() -> Path:
     return Path(__file__).resolve().parents[1] / "samples" / "bccd"
 
 
-def open_source(config: Config) -> ReplaySource:
+def open_source(config: Config) -> ReplaySource | LiveSource:
     source = config["source"]
     if source["kind"] == "replay":
         path = Path(source["path"]).expanduser() if source["path"] else bundled_samples()

@@ -266,6 +266,51 @@ TRIED = [
 ]
 
 
+COMMANDS = [
+    "# 1. diffusion teachers (resumable; --minutes is a wall-clock training budget; 1 thread each, run side by side)",
+    "python -m engines.diffusion train --minutes 24 --threads 1 --out .cache/diffusion/teacher.pt",
+    "python -m engines.diffusion train --minutes 16 --threads 1 --exclude erythroblast "
+    "--out .cache/diffusion/teacher-noery.pt",
+    "# 2. label the fixed split with the teacher; fit tau + anomaly squash on val; pruning chosen on val",
+    "python -m engines.teacher label --teacher .cache/diffusion/teacher.pt --split val --per-class 40 --no-prune "
+    "--threads 1 --out .cache/teacher/teacher-val.npz",
+    "python -m engines.teacher calibrate --val .cache/teacher/teacher-val.npz --out .cache/teacher/teacher-calib.json",
+    "python -m engines.teacher label --teacher .cache/diffusion/teacher.pt --split test --prune-after 3 --keep 3 "
+    "--threads 1 --out .cache/teacher/teacher-test.npz",
+    "python -m engines.teacher label --teacher .cache/diffusion/teacher.pt --split train --per-class 60 "
+    "--prune-after 3 --keep 3 --threads 1 --out .cache/teacher/teacher-train.npz",
+    "# 3. distil (body initialised from the shipped baseline's checkpoint, 30 epochs, = baseline model.onnx "
+    "6531d538...) and export",
+    "cp .cache/baseline/run-e9b5ceaaaf1d.pt .cache/distill/baseline-init.pt  # from python -m engines.baseline "
+    "train --epochs 30 --out engines/models/baseline-cnn",
+    "python -m engines.distill train --labels .cache/teacher/teacher-train.npz --calib "
+    ".cache/teacher/teacher-calib.json --init .cache/distill/baseline-init.pt --epochs 4 --threads 1 "
+    "--out .cache/distill/student.pt",
+    "python -m engines.distill export --student .cache/distill/student.pt --out engines/models/student-v1",
+    "# 4. held-out-class (erythroblast) models",
+    "python -m engines.teacher label --teacher .cache/diffusion/teacher-noery.pt --split val --per-class 40 "
+    "--no-prune --threads 1 --out .cache/teacher/noery-val.npz",
+    "python -m engines.teacher calibrate --val .cache/teacher/noery-val.npz --out .cache/teacher/noery-calib.json",
+    "python -m engines.teacher label --teacher .cache/diffusion/teacher-noery.pt --split test --per-class 50 "
+    "--all-of erythroblast --threads 1 --out .cache/teacher/noery-test.npz",
+    "python -m engines.teacher label --teacher .cache/diffusion/teacher-noery.pt --split train --per-class 60 "
+    "--threads 1 --out .cache/teacher/noery-train.npz",
+    "python -m engines.distill train --labels .cache/teacher/noery-train.npz --calib .cache/teacher/noery-calib.json "
+    "--exclude erythroblast --epochs 8 --threads 1 --out .cache/distill/student-noery.pt",
+    "python -m engines.distill export --student .cache/distill/student-noery.pt --name student-noery "
+    "--out .cache/distill/student-noery",
+    "python -m engines.baseline train --exclude erythroblast --epochs 8 --threads 1 --name baseline-noery "
+    "--timing-repeats 3 --out .cache/baseline-noery",
+    "# 5. this card",
+    "python -m engines.compare --student engines/models/student-v1 --teacher .cache/diffusion/teacher.pt "
+    "--teacher-test .cache/teacher/teacher-test.npz --teacher-calib .cache/teacher/teacher-calib.json "
+    "--student-checkpoint .cache/distill/student.pt --anomaly-teacher .cache/diffusion/teacher-noery.pt "
+    "--anomaly-teacher-test .cache/teacher/noery-test.npz --anomaly-teacher-calib .cache/teacher/noery-calib.json "
+    "--anomaly-student .cache/distill/student-noery/model.onnx "
+    "--anomaly-baseline .cache/baseline-noery/model.onnx --write",
+]
+
+
 def _f(value: float, digits: int = 4) -> str:
     return "n/a" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.{digits}f}"
 
@@ -450,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.anomaly_student:
             parts.append(f"student {args.anomaly_student} (sha256 {file_sha256(args.anomaly_student)[:12]})")
         training["anomaly_models"] = "; ".join(parts)
-    commands = args.command_file.read_text().strip().splitlines() if args.command_file else []
+    commands = args.command_file.read_text().strip().splitlines() if args.command_file else COMMANDS
     card = {
         "format": "cytoedge-card/1", "summary": SUMMARY, "file": "model.onnx", "sha256": file_sha256(onnx_path),
         "model": {"name": meta.name, "version": meta.version, "kind": meta.kind, "classes": meta.classes,

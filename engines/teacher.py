@@ -31,6 +31,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,6 +100,12 @@ def denoising_errors(model: UNet, x0: torch.Tensor, cfg: ScoreConfig) -> tuple[n
 
 def summarise(errors: np.ndarray, tau: float = 1.0) -> dict[str, np.ndarray]:
     """Per-cell outputs from the (N, C+1, K) error tensor: logits, posterior, uncertainty, anomaly scores."""
+    with warnings.catch_warnings():  # pruned (NaN) entries and K=2 smoke runs make nan* functions chatty
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return _summarise(errors, tau)
+
+
+def _summarise(errors: np.ndarray, tau: float) -> dict[str, np.ndarray]:
     num_classes = errors.shape[1] - 1
     r = errors[:, :num_classes, :] / errors[:, num_classes:, :]  # per-trial normalisation by the null class
     score = np.nanmean(r, axis=2)  # lower = better explanation
@@ -106,7 +113,7 @@ def summarise(errors: np.ndarray, tau: float = 1.0) -> dict[str, np.ndarray]:
     z = logits / tau
     z = z - z.max(axis=1, keepdims=True)
     post = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
-    entropy = -(post * np.log(np.clip(post, 1e-12, 1))).sum(axis=1) / math.log(num_classes)
+    entropy = np.clip(-(post * np.log(np.clip(post, 1e-12, 1))).sum(axis=1) / math.log(num_classes), 0, 1)
     order = np.argsort(score, axis=1)
     best, second = order[:, 0], order[:, 1]
     rows = np.arange(len(score))
@@ -133,16 +140,21 @@ def squash(values: np.ndarray, q50: float, q95: float) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------ labelling
-def select(labels: np.ndarray, per_class: int) -> np.ndarray:
-    """Indices of the first ``per_class`` cells of each class in split order (0 = all): deterministic."""
-    if per_class <= 0:
-        return np.arange(len(labels))
-    chosen = [np.nonzero(labels == c)[0][:per_class] for c in np.unique(labels)]
-    return np.sort(np.concatenate(chosen))
+def select(labels: np.ndarray, per_class: int, keep_all: tuple[int, ...] = (),
+           skip: tuple[int, ...] = ()) -> np.ndarray:
+    """Indices of the first ``per_class`` cells of each class in split order (0 = all), every cell of the
+    classes in ``keep_all`` and none of those in ``skip``: deterministic and cheap to describe."""
+    chosen = []
+    for c in np.unique(labels):
+        if int(c) in skip:
+            continue
+        rows = np.nonzero(labels == c)[0]
+        chosen.append(rows if per_class <= 0 or int(c) in keep_all else rows[:per_class])
+    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)
 
 
 def label_split(teacher_path: Path, root: Path, split: str, out: Path, cfg: ScoreConfig, per_class: int = 0,
-                chunk: int = 32, threads: int = 2, log=print) -> Path:
+                chunk: int = 32, threads: int = 2, all_of: tuple[str, ...] = (), log=print) -> Path:
     """Run the teacher over one split of the fixed split (all 8 classes' cells, also those a held-out
     teacher never saw) and save errors + bookkeeping; resumes from a partial file chunk by chunk."""
     torch.set_num_threads(threads)
@@ -150,7 +162,9 @@ def label_split(teacher_path: Path, root: Path, split: str, out: Path, cfg: Scor
     resolution = state["config"]["resolution"]
     data = prepare_data(root, TrainConfig())  # all 8 classes: a held-out teacher must see its unknowns too
     labels_all = data.labels[split]
-    idx = select(labels_all, per_class)
+    # Training cells of a class the teacher never saw are useless to its student: skip them.
+    skip = tuple(i for i, c in enumerate(data.classes) if c not in state["classes"]) if split == "train" else ()
+    idx = select(labels_all, per_class, tuple(data.classes.index(c) for c in all_of), skip)
     images = data.images[split][idx]
     labels = labels_all[idx]
     paths = [data.paths[split][i] for i in idx]
@@ -185,9 +199,10 @@ def label_split(teacher_path: Path, root: Path, split: str, out: Path, cfg: Scor
     np.savez(out, errors=errors, passes=passes, labels=labels, index=idx, paths=np.array(paths),
              classes=np.array(state["classes"]), data_classes=np.array(data.classes),
              timesteps=np.array(cfg.timesteps), ms_per_cell=seconds / max(len(idx), 1) * 1e3,
-             config=json.dumps({"split": split, "per_class": per_class, "teacher": str(teacher_path),
-                                "prune_after": cfg.prune_after, "keep": cfg.keep, "seed": cfg.seed,
-                                "disc_radius": cfg.disc_radius, "threads": threads, "chunk": chunk}))
+             config=json.dumps({"split": split, "per_class": per_class, "all_of": list(all_of),
+                               "teacher": str(teacher_path),
+                               "prune_after": cfg.prune_after, "keep": cfg.keep, "seed": cfg.seed,
+                               "disc_radius": cfg.disc_radius, "threads": threads, "chunk": chunk}))
     partial.unlink(missing_ok=True)
     log(f"wrote {out}")
     return out
@@ -226,7 +241,8 @@ def calibrate(val_path: Path, out: Path, log=print) -> dict:
     y = np.array([teacher_classes.index(data_classes[v]) if ok else -1 for v, ok in zip(lab["labels"], in_domain,
                                                                                        strict=True)])
     base = summarise(lab["errors"])
-    tau = fit_temperature(base["logits"][in_domain], y[in_domain])
+    # Normalised errors differ between classes by ~1e-2, so τ is far below the CNNs' T: widen the search.
+    tau = fit_temperature(base["logits"][in_domain], y[in_domain], low=1e-4, high=10.0)
     summ = summarise(lab["errors"], tau)
     squash_params = {name: {"q50": float(np.quantile(summ[name][in_domain], 0.5)),
                             "q95": float(np.quantile(summ[name][in_domain], 0.95))} for name in ANOMALY_SCORES}
@@ -262,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", choices=pbc.SPLITS, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--per-class", type=int, default=0, help="first N cells per class of the split (0 = all)")
+    p.add_argument("--all-of", action="append", default=[], choices=pbc.CLASSES,
+                   help="label every cell of this class regardless of --per-class (repeatable)")
     p.add_argument("--k", type=int, default=8, help="timesteps per cell, evenly spaced in [50, 500]")
     p.add_argument("--prune-after", type=int, default=3)
     p.add_argument("--keep", type=int, default=3)
@@ -286,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = ScoreConfig(timesteps=tuple(default_timesteps(k)), seed=args.seed,
                       prune_after=0 if args.no_prune else args.prune_after, keep=args.keep)
     assert max(cfg.timesteps) <= T_STEPS
-    label_split(args.teacher, root, args.split, args.out, cfg, per_class=per_class, threads=args.threads)
+    label_split(args.teacher, root, args.split, args.out, cfg, per_class=per_class, threads=args.threads,
+                all_of=tuple(args.all_of))
     return 0
 
 

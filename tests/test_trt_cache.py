@@ -150,8 +150,8 @@ cache.store(Path(sys.argv[1]), wanted, b"NEW" * 1000, before_replace=lambda temp
 def test_crash_between_temp_write_and_rename_keeps_the_old_engine(tmp_path: Path) -> None:
     wanted = key()
     path = cache.store(tmp_path, wanted, BLOB)
-    done = subprocess.run([sys.executable, "-c", CRASH_WRITER, str(tmp_path), json.dumps(wanted.as_dict())], cwd=REPO, capture_output=True,
-                          text=True, timeout=60)
+    argv = [sys.executable, "-c", CRASH_WRITER, str(tmp_path), json.dumps(wanted.as_dict())]
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode == 9, done.stderr
     leftovers = list(tmp_path.glob(".*.tmp"))
     assert len(leftovers) == 1  # the dead writer's complete temp file, never renamed

@@ -26,6 +26,8 @@ class Differential:
     def add(self, cells_message: dict[str, Any]) -> None:
         self.frames += 1
         for cell in cells_message["cells"]:
+            if not cell.get("first_seen", True):
+                continue  # the same cell, still in view: counted when first seen
             if cell["kind"] == "wbc" and cell["label"]:
                 self.white[cell["label"]] += 1
             elif cell["kind"] == "platelet":

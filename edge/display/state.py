@@ -285,7 +285,8 @@ class DisplayState:
                 raise MessageError(f"a {kind} cell has no label")
             if isinstance(probs, dict):
                 classes.extend(str(name) for name in probs)
-            records.append((_integer(cell["id"]), CellRecord(kind, label if kind != "rbc" else None)))
+            if cell.get("first_seen", True) is not False:  # a cell still in view was counted when first seen
+                records.append((_integer(cell["id"]), CellRecord(kind, label if kind != "rbc" else None)))
         # Checked the whole message before counting any of it: a bad cell skips the message, not half of it.
         self.domain_alarm = bool(payload.get("domain_alarm", False))
         slide = self.slide
@@ -300,7 +301,9 @@ class DisplayState:
             slide.add(record.bucket)
             if record.kind != "rbc":  # red cells are never reviewed; no need to remember them
                 slide.cells[(run, frame_id, cell_id)] = record
-        slide.flagged += sum(bool(cell["review"]) for cell in payload["cells"])
+        slide.flagged += sum(
+            bool(cell["review"]) for cell in payload["cells"] if cell.get("first_seen", True) is not False
+        )
         while len(slide.cells) > MAX_CELLS_REMEMBERED:
             slide.cells.popitem(last=False)
 

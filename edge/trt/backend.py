@@ -121,8 +121,11 @@ class TensorRTClassifier:
         self._ctx.push()
         try:
             self._setup(trt, cuda, blob, command)
-        finally:
+        except BaseException:
             self._ctx.pop()
+            self._ctx.detach()  # release the primary context we retained; nothing else holds it
+            raise
+        self._ctx.pop()
         log.info("loaded TensorRT %s engine %s for %s", precision, self.engine_path, self.model_id)
 
     def _setup(self, trt: Any, cuda: Any, blob: bytes, command: str) -> None:

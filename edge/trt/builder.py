@@ -20,6 +20,7 @@ import argparse
 import hashlib
 import logging
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,18 +176,26 @@ def timing_cache_path(engine_dir: Path, facts: DeviceFacts, configured: str | Pa
 
 
 def fp16_onnx(onnx_path: Path, work_dir: Path) -> Path:
-    """FP16 copy of the model for strongly typed builds (TensorRT >= 11), float32 I/O kept so the
-    runtime's preprocessing and outputs are unchanged. Needs onnxconverter-common."""
-    try:
-        import onnx
-        from onnxconverter_common import float16
-    except ImportError as exc:
-        raise ModelError(f"FP16 on TensorRT >= 11 needs an FP16 ONNX; install onnx and onnxconverter-common "
-                         f"({exc.name} missing)") from None
+    """FP16 copy of the model for strongly typed builds (TensorRT >= 11 has no FP16 flag), float32 I/O
+    kept so the runtime's preprocessing and outputs are unchanged. NVIDIA's documented route is ModelOpt
+    AutoCast; onnxconverter-common's float16 converter is the fallback."""
     out = Path(work_dir) / f"fp16-{file_sha256(onnx_path)[:16]}.onnx"
-    if not out.is_file():
+    if out.is_file():
+        return out
+    try:
+        from modelopt.onnx import autocast
+
+        model = autocast.convert_to_mixed_precision(onnx_path=str(onnx_path), low_precision_type="fp16",
+                                                    keep_io_types=True)
+    except ImportError:
+        try:
+            import onnx
+            from onnxconverter_common import float16
+        except ImportError as exc:
+            raise ModelError("FP16 on TensorRT >= 11 needs an FP16 ONNX: install nvidia-modelopt (AutoCast) or "
+                             f"onnx + onnxconverter-common ({exc.name} missing)") from None
         model = float16.convert_float_to_float16(onnx.load(str(onnx_path)), keep_io_types=True)
-        cache.atomic_write(out, [model.SerializeToString()])
+    cache.atomic_write(out, [model.SerializeToString()])
     return out
 
 
@@ -199,9 +208,11 @@ def _progress_monitor(trt: Any, say: Any) -> Any:
         def __init__(self) -> None:
             trt.IProgressMonitor.__init__(self)
             self.started: dict[str, float] = {}
+            self.lock = threading.Lock()  # TensorRT may call from several internal threads
 
         def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
-            self.started[phase_name] = time.monotonic()
+            with self.lock:
+                self.started[phase_name] = time.monotonic()
             depth = "  " if parent_phase else ""
             say(f"{depth}{phase_name} ({num_steps} steps)")
 
@@ -209,7 +220,8 @@ def _progress_monitor(trt: Any, say: Any) -> Any:
             return True  # True = keep building
 
         def phase_finish(self, phase_name: str) -> None:
-            took = time.monotonic() - self.started.pop(phase_name, time.monotonic())
+            with self.lock:
+                took = time.monotonic() - self.started.pop(phase_name, time.monotonic())
             if took >= 1.0:
                 say(f"  {phase_name} done in {took:.0f} s")
 
@@ -256,8 +268,9 @@ def _parse(trt: Any, builder: Any, logger: Any, onnx_file: Path, strongly: bool)
     """Network from the ONNX parser (explicit batch is the only mode in TensorRT 10); parser errors
     become one ModelError listing every message."""
     flags = 0
-    if strongly:
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    strongly_flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    if strongly and strongly_flag is not None:  # 10.x: opt-in; 11.x: always on (flag may be gone)
+        flags |= 1 << int(strongly_flag)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_file)):
@@ -294,7 +307,8 @@ def _build_locked(trt: Any, cuda: Any, plan: EngineKeyAndInputs, facts: DeviceFa
     strongly = strongly_typed(facts.tensorrt_version)
     onnx_file = plan.onnx_path
     if key.precision == "int8" and key.int8_source == "qdq":
-        onnx_file = plan.int8_input  # type: ignore[assignment]
+        assert plan.int8_input is not None
+        onnx_file = plan.int8_input
     elif key.precision == "fp16" and strongly:
         onnx_file = fp16_onnx(plan.onnx_path, engine_dir)
     say(f"building {key.precision} engine for {meta.name} on {facts.gpu_name} (sm {facts.compute_capability}), "
@@ -320,9 +334,10 @@ def _build_locked(trt: Any, cuda: Any, plan: EngineKeyAndInputs, facts: DeviceFa
                 shape = (CALIBRATION_BATCH, 3, size, size)
                 calib_profile.set_shape(meta.input_name, shape, shape, shape)
                 config.set_calibration_profile(calib_profile)
-                calib_cache = engine_dir / f"{cache._safe_name(meta.name)}-int8-{facts.digest()}-" \
-                                           f"{key.int8_sha256[:12]}.calib"  # type: ignore[index]
-                config.int8_calibrator = _entropy_calibrator(trt, cuda, plan.int8_input, meta, calib_cache)  # type: ignore[arg-type]
+                set_hash = (key.int8_sha256 or "")[:12]
+                calib_cache = engine_dir / f"{cache.safe_name(meta.name)}-int8-{facts.digest()}-{set_hash}.calib"
+                assert plan.int8_input is not None
+                config.int8_calibrator = _entropy_calibrator(trt, cuda, plan.int8_input, meta, calib_cache)
     monitor = _progress_monitor(trt, say)
     if monitor is not None:
         config.progress_monitor = monitor

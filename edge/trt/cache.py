@@ -85,12 +85,12 @@ class EngineKey:
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def _safe_name(name: str) -> str:
+def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "model"
 
 
 def engine_filename(key: EngineKey) -> str:
-    return f"{_safe_name(key.model_name)}-{key.precision}-{key.digest()[:16]}.engine"
+    return f"{safe_name(key.model_name)}-{key.precision}-{key.digest()[:16]}.engine"
 
 
 def engine_path(engine_dir: Path, key: EngineKey) -> Path:
@@ -232,7 +232,7 @@ def find(engine_dir: Path, wanted: EngineKey, command: str = "") -> CacheState:
     if state.status != "missing":
         return state
     best: CacheState | None = None
-    for candidate in sorted(Path(engine_dir).glob(f"{_safe_name(wanted.model_name)}-{wanted.precision}-*.engine")):
+    for candidate in sorted(Path(engine_dir).glob(f"{safe_name(wanted.model_name)}-{wanted.precision}-*.engine")):
         other = check(candidate, wanted, command, verify_blob=False)
         if other.status == "mismatch" and (best is None or len(other.differences) < len(best.differences)):
             best = other

@@ -1,0 +1,96 @@
+"""Each cell is counted once while it stays in view, and unrelated frames count in full."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from conftest import SAMPLES, run_cli
+
+from edge import config as cfg
+from edge.analysis import classify_detections
+from edge.cellfinder import find_cells
+from edge.models import open_classifier
+from edge.tracker import CellTracker
+
+
+@pytest.fixture(scope="module")
+def classify():  # type: ignore[no-untyped-def]
+    classifier = open_classifier(None, "onnxruntime", 1)
+    settings = cfg.load(None)
+
+    def run(image: np.ndarray):  # type: ignore[no-untyped-def]
+        detections = find_cells(image, 0.075)
+        return classify_detections(
+            image, detections, classifier, 0.075, settings["review"]["uncertainty"], settings["review"]["anomaly"]
+        )
+
+    return run
+
+
+def test_a_field_held_in_view_is_counted_once(classify) -> None:  # type: ignore[no-untyped-def]
+    image = cv2.imread(str(SAMPLES / "BloodImage_00007.jpg"))
+    tracker = CellTracker()
+    first_seen = []
+    for _ in range(10):
+        cells, crops = classify(image)
+        tracker.assign(cells, crops)
+        first_seen.append(sum(c["first_seen"] for c in cells))
+    assert first_seen[0] == len(cells) > 0
+    assert first_seen[1:] == [0] * 9
+
+
+def test_a_slowly_moving_field_keeps_its_tracks(classify) -> None:  # type: ignore[no-untyped-def]
+    image = cv2.imread(str(SAMPLES / "BloodImage_00011.jpg"))
+    tracker = CellTracker()
+    cells, crops = classify(image)
+    tracker.assign(cells, crops)
+    white = {c["track"] for c in cells if c["kind"] == "wbc"}
+    shifted = np.roll(image, shift=(4, 6), axis=(0, 1))  # a small stage movement
+    cells, crops = classify(shifted)
+    tracker.assign(cells, crops)
+    assert {c["track"] for c in cells if c["kind"] == "wbc"} == white
+    assert not any(c["first_seen"] for c in cells if c["kind"] == "wbc")
+
+
+def test_unrelated_frames_count_every_white_cell(classify) -> None:  # type: ignore[no-untyped-def]
+    tracker = CellTracker()
+    total = new = 0
+    for path in sorted(SAMPLES.glob("*.jpg")):
+        cells, crops = classify(cv2.imread(str(path)))
+        tracker.assign(cells, crops)
+        white = [c for c in cells if c["kind"] == "wbc"]
+        total += len(white)
+        new += sum(c["first_seen"] for c in white)
+    assert total >= 20 and new == total
+
+
+def test_tracks_are_forgotten_after_the_cell_leaves() -> None:
+    tracker = CellTracker(max_missed=2)
+    cell = {"id": 0, "kind": "rbc", "bbox": [10, 10, 50, 50]}
+    tracker.assign([dict(cell)], {})
+    for _ in range(3):
+        tracker.assign([], {})
+    assert len(tracker) == 0
+    again = dict(cell)
+    tracker.assign([again], {})
+    assert again["first_seen"] is True
+
+
+def test_watch_style_count_of_a_repeated_frame_replay_matches_one_frame(tmp_path: Path, endpoint: str) -> None:
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for index in range(8):
+        shutil.copy(SAMPLES / "BloodImage_00007.jpg", frames / f"{index}.jpg")
+    audit = tmp_path / "audit.jsonl"
+    result = run_cli("replay", str(frames), "--publish", endpoint, "--pace", "max", "--audit", str(audit))
+    assert result.returncode == 0, result.stderr
+    import json
+
+    messages = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert len(messages) == 8
+    counted = sum(c["first_seen"] for m in messages for c in m["cells"])
+    assert counted == len(messages[0]["cells"])
