@@ -103,6 +103,49 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flag(annotate)
     annotate.set_defaults(handler=_lazy("edge.commands.annotate", "main"))
 
+    engine = commands.add_parser("engine", help="TensorRT engines for the Jetson GPU")
+    engine_commands = engine.add_subparsers(dest="engine_command", metavar="ACTION", required=True)
+    build = engine_commands.add_parser("build", help="build (or confirm) the TensorRT engine for a model")
+    from edge.trt.builder import add_arguments as add_build_arguments  # imports no tensorrt
+
+    add_build_arguments(build)
+    _add_config_flag(build)
+    build.set_defaults(handler=_lazy("edge.trt.builder", "main"))
+
+    doctor = commands.add_parser(
+        "doctor", help="versions, GPU, cameras, model, engine cache; exit 1 if the configured backend cannot run"
+    )
+    _add_config_flag(doctor)
+    doctor.set_defaults(handler=_lazy("edge.doctor", "main"))
+
+    record = commands.add_parser("record", help="record camera frames and timestamps into a session folder")
+    record.add_argument("out", help="a new or empty folder")
+    record.add_argument("--frames", type=int, help="stop after this many frames")
+    record.add_argument("--seconds", type=float, help="stop after this many seconds")
+    record.add_argument("--format", choices=("png", "jpg"), default="png", help="png = lossless (default)")
+    record.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
+    _add_config_flag(record)
+    record.set_defaults(handler=_lazy("edge.commands.camera_cmds", "record"))
+
+    calibrate = commands.add_parser("calibrate", help="measure the microscope scale or a focus threshold")
+    calibrate_commands = calibrate.add_subparsers(dest="calibrate_command", metavar="WHAT", required=True)
+    for what, text in (
+        ("scale", "µm per pixel from the median red-cell diameter"),
+        ("focus", "focus threshold from the sharpness of good frames"),
+    ):
+        sub = calibrate_commands.add_parser(what, help=text)
+        sub.add_argument("--frames", type=int, default=10, help="frames to measure (default 10)")
+        sub.add_argument("--write", action="store_true", help="write the result into the --config file")
+        if what == "scale":
+            sub.add_argument(
+                "--stage-micrometer",
+                type=float,
+                metavar="UM_PER_PX",
+                help="use this measured value (from a stage micrometer) instead of estimating",
+            )
+        _add_config_flag(sub)
+        sub.set_defaults(handler=_lazy("edge.commands.camera_cmds", f"calibrate_{what}"))
+
     keys = commands.add_parser("keys", help="make CURVE key pairs for authenticated publishing")
     keys_commands = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
     keys_new = keys_commands.add_parser("new", help="write NAME.key (public) and NAME.key_secret (owner-only)")

@@ -108,6 +108,16 @@ RULES: dict[str, dict[str, Rule]] = {
         "backend": _choice("onnxruntime", "tensorrt"),
         "threads": Rule(int, "an integer from 1 to 64", lambda v: 1 <= v <= 64),
     },
+    "tensorrt": {
+        "engine_dir": Rule(str, "a folder (empty = $CYTOEDGE_STATE_DIR/engines, else ~/.cache/cytoedge/engines)"),
+        "precision": _choice("fp32", "fp16", "int8"),
+        "opt_batch": Rule(int, "an integer from 1 to 4096", lambda v: 1 <= v <= 4096),
+        "max_batch": Rule(int, "an integer from 1 to 4096", lambda v: 1 <= v <= 4096),
+        "build_if_missing": Rule(bool, "true or false"),
+        "timing_cache": Rule(str, "a file path (empty = next to the engines)"),
+        "workspace_mb": Rule(int, "MiB, from 64 to 65536", lambda v: 64 <= v <= 65536),
+        "int8_onnx": Rule(str, "a Q/DQ ONNX path (empty = TensorRT 10 entropy calibrator)"),
+    },
     "review": {
         "uncertainty": Rule(NUMBER, "a number from 0 to 1", _unit),
         "anomaly": Rule(NUMBER, "a number from 0 to 1", _unit),
@@ -203,6 +213,8 @@ def _check_together(config: Config, origin: str) -> None:
         raise ConfigError(f"{origin}: camera.reconnect_initial_s must not exceed camera.reconnect_max_s")
     if quality["min_brightness"] >= quality["max_brightness"]:
         raise ConfigError(f"{origin}: quality.min_brightness must be below quality.max_brightness")
+    if config["tensorrt"]["opt_batch"] > config["tensorrt"]["max_batch"]:
+        raise ConfigError(f"{origin}: tensorrt.opt_batch must not exceed tensorrt.max_batch")
     security = config["security"]
     if security["curve"]:
         for key in ("server_key", "authorized_keys"):

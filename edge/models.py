@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from edge.classifier import Classifier
 from edge.errors import ConfigError, ModelError
@@ -30,12 +31,19 @@ def resolve_model_path(configured: str | Path | None) -> Path:
     return Path(configured).expanduser()
 
 
-def open_classifier(configured: str | Path | None, backend: str = "onnxruntime", threads: int = 2) -> Classifier:
+def open_classifier(
+    configured: str | Path | None,
+    backend: str = "onnxruntime",
+    threads: int = 2,
+    tensorrt: dict[str, Any] | None = None,
+) -> Classifier:
     path = resolve_model_path(configured)
     if backend == "onnxruntime":
         from edge.onnx_backend import OnnxRuntimeClassifier
 
         return OnnxRuntimeClassifier(path, threads)
     if backend == "tensorrt":
-        raise ModelError('the TensorRT backend is not part of this build yet; use backend = "onnxruntime"')
+        from edge.trt.backend import open_tensorrt
+
+        return open_tensorrt(path, tensorrt)
     raise ConfigError(f"model.backend = {backend!r} is not allowed; expected 'onnxruntime' or 'tensorrt'")

@@ -46,7 +46,9 @@ def build_pipeline(
     config: Config, notifier: Notifier | None = None, source: object | None = None, latency_window: int = 1000
 ) -> Pipeline:
     settings = Settings.from_config(config)
-    classifier = open_classifier(config["model"]["path"], config["model"]["backend"], config["model"]["threads"])
+    classifier = open_classifier(
+        config["model"]["path"], config["model"]["backend"], config["model"]["threads"], config["tensorrt"]
+    )
     frame_source = source if source is not None else open_source(config)
     audit = AuditLog(Path(config["audit"]["path"])) if config["audit"]["path"] else None
     security = config["security"]

@@ -34,7 +34,10 @@ def open_source(config: Config) -> ReplaySource | LiveSource:
             loop=source["loop"],
             max_pixels=config["pipeline"]["max_frame_pixels"],
         )
-    raise ConfigError(
-        f"source.kind = {source['kind']!r} is not available in this build; "
-        "use 'replay' (live cameras are documented in docs/cameras.md)"
-    )
+    if source["kind"] in ("opencv", "picamera2"):
+        from edge.capture import open_camera
+
+        return open_camera(
+            {**config["camera"], "kind": source["kind"]}, max_pixels=config["pipeline"]["max_frame_pixels"]
+        )
+    raise ConfigError(f"source.kind = {source['kind']!r} is not one of 'replay', 'opencv', 'picamera2'")

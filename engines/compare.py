@@ -165,7 +165,8 @@ def build_report(args: argparse.Namespace) -> dict:
     sample = images[: args.timing_cells]
     cost: dict = {"cpu": platform.processor() or platform.machine(), "note": "shared 2-core build machine, no GPU"}
     for name, onnx in (("student", student_onnx), ("baseline", baseline_onnx)):
-        cost[name] = {**evaluate.time_per_cell(onnx, images[: evaluate.TIMING_BATCH], repeats=args.timing_repeats),
+        cost[name] = {**evaluate.time_per_cell(onnx, images[: evaluate.TIMING_BATCH], repeats=args.timing_repeats,
+                                               threads=args.timing_threads),
                       "macs": evaluate.onnx_macs(onnx), "passes_per_cell": 1}
     if args.teacher:
         from engines.diffusion import load_teacher, unet_macs
@@ -173,7 +174,7 @@ def build_report(args: argparse.Namespace) -> dict:
         model, state = load_teacher(Path(args.teacher))
         run = lab_config(lab)
         timing = teacher_timing(Path(args.teacher), sample, [int(t) for t in lab["timesteps"]],
-                                run.get("prune_after", 0), run.get("keep", 3))
+                                run.get("prune_after", 0), run.get("keep", 3), threads=args.timing_threads)
         cost["teacher"] = {**timing, "macs_per_pass": unet_macs(model, state["config"]["resolution"]),
                            "params": state["params"], "train_steps": state["step"],
                            "train_minutes": state["elapsed"] / 60}
@@ -433,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--held-out", default="erythroblast", choices=pbc.CLASSES)
     parser.add_argument("--timing-cells", type=int, default=16)
     parser.add_argument("--timing-repeats", type=int, default=20)
+    parser.add_argument("--timing-threads", type=int, default=1,
+                        help="threads for every model's timing (1: fairest on a shared, oversubscribed CPU)")
     parser.add_argument("--command-file", type=Path, default=None, help="text file with the commands to cite")
     parser.add_argument("--write", action="store_true", help="write card.json and card.md into --student")
     args = parser.parse_args(argv)

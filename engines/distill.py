@@ -229,13 +229,15 @@ def export(student_path: Path, root: Path, out_dir: Path, name: str = "student-v
     unc = np.concatenate([o[1] for o in outs]).reshape(-1)
     ano = np.concatenate([o[2] for o in outs]).reshape(-1)
     temperature = fit_temperature(logits, data.labels["val"])
-    qs = np.linspace(0, 1, REFERENCE_QUANTILES)
+    # The domain alarm's format (edge.drift.Reference): per predicted class, 101 quantiles of the anomaly and
+    # uncertainty heads and of the crop colour, on all in-domain validation cells, as the runtime computes them.
+    from edge.drift import Reference, features
+
+    predicted = np.array(state["classes"])[(logits / temperature).argmax(1)]
     reference = {
-        "split": "val", "n": len(val), "quantile_levels": [round(float(v), 4) for v in qs],
-        "uncertainty": [round(float(v), 5) for v in np.quantile(unc, qs)],
-        "anomaly": [round(float(v), 5) for v in np.quantile(ano, qs)],
-        "note": "in-domain PBC validation scores from this file's heads; compare a site's score "
-                "distribution against these for a drift alarm",
+        **Reference.from_samples(features(ano, unc, val), predicted, points=REFERENCE_QUANTILES).to_json(),
+        "data": f"PBC validation split, all {len(val)} cells of the student's classes, labelled by prediction",
+        "classes": list(state["classes"]),
     }
     meta = exporter.replace(meta, temperature=round(temperature, 4), reference=reference)
     exporter.write_metadata(onnx_path, meta)

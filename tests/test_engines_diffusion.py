@@ -131,7 +131,10 @@ def test_smoke_chain_end_to_end(tmp_path: Path) -> None:
     classifier = OnnxRuntimeClassifier(out / "model.onnx", threads=1)
     meta = classifier.metadata
     assert meta.kind == "student" and meta.uncertainty_output == "uncertainty" and meta.anomaly_output == "anomaly"
-    assert len(meta.reference["uncertainty"]) == len(meta.reference["anomaly"]) == 101
+    from edge.drift import Reference
+
+    assert Reference.from_json(meta.reference).features == ["anomaly", "colour_0", "colour_1", "colour_2",
+                                                             "uncertainty"]
     sample = next(s for s in pbc.read_manifest(root) if s.label == "neutrophil")
     crop = pbc.load_crop_bgr(root / sample.path, meta.input_size)[None]
     pred = classifier.classify(np.concatenate([crop, crop[:, ::-1]]))
@@ -159,7 +162,12 @@ def test_shipped_student_metadata_and_card() -> None:
     meta = classifier.metadata
     assert meta.kind == "student" and meta.classes == pbc.CLASSES and meta.input_size == 64
     assert meta.uncertainty_output == "uncertainty" and meta.anomaly_output == "anomaly"
-    assert 0 < meta.temperature < 20 and len(meta.reference["anomaly"]) == 101
+    from edge.drift import Reference
+
+    assert 0 < meta.temperature < 20
+    reference = Reference.from_json(meta.reference)  # the domain alarm can use the shipped reference
+    assert {"anomaly", "uncertainty"} <= set(reference.features)
+    assert all(len(q["anomaly"]) == 101 for q in reference.quantiles.values())
     baseline = OnnxRuntimeClassifier(REPO / "engines" / "models" / "baseline-cnn" / "model.onnx", threads=1).metadata
     assert (meta.mean, meta.std, meta.um_per_px, meta.field_um) == (baseline.mean, baseline.std,
                                                                     baseline.um_per_px, baseline.field_um)

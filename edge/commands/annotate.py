@@ -22,7 +22,9 @@ def main(args: argparse.Namespace) -> int:
     config = cfg.with_overrides(
         cfg.load(args.config), "command line", model__path=args.model, microscope__um_per_px=args.um_per_px
     )
-    classifier = open_classifier(config["model"]["path"], config["model"]["backend"], config["model"]["threads"])
+    classifier = open_classifier(
+        config["model"]["path"], config["model"]["backend"], config["model"]["threads"], config["tensorrt"]
+    )
     try:
         image = read_image(Path(args.frame), config["pipeline"]["max_frame_pixels"])
     except BadImage as exc:

@@ -41,7 +41,9 @@ def to_model_input(image: np.ndarray, classifier: Classifier, um_per_px: float |
 
 def main(args: argparse.Namespace) -> int:
     config = cfg.with_overrides(cfg.load(args.config), "command line", model__path=args.model)
-    classifier = open_classifier(config["model"]["path"], config["model"]["backend"], config["model"]["threads"])
+    classifier = open_classifier(
+        config["model"]["path"], config["model"]["backend"], config["model"]["threads"], config["tensorrt"]
+    )
     files = list(expand(args.paths))
     if not files:
         raise SourceError("no images found in " + ", ".join(args.paths))

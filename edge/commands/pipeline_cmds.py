@@ -57,7 +57,9 @@ def reload(pipeline: Pipeline, config_path: str | None, current: cfg.Config, not
             log.warning("reload: %s change(s) need a restart and were not applied", ", ".join(fixed))
         classifier = None
         if new["model"] != current["model"]:
-            classifier = open_classifier(new["model"]["path"], new["model"]["backend"], new["model"]["threads"])
+            classifier = open_classifier(
+                new["model"]["path"], new["model"]["backend"], new["model"]["threads"], new["tensorrt"]
+            )
         alarm = build_alarm(classifier or pipeline.classifier, new)
         pipeline.request_swap(classifier=classifier, settings=Settings.from_config(new), alarm=alarm)
         current.update({k: v for k, v in new.items() if k not in ("source", "publish")})
