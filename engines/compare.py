@@ -250,9 +250,9 @@ SUMMARY = ("Distilled student of a class-conditional pixel-space diffusion class
 
 TRIED = [
     "The whole chain ran on a shared 2-core CPU with no GPU (other engineers' jobs ran at the same time); "
-    "the diffusion teacher therefore got about 24 minutes of single-thread training (a few thousand steps "
-    "at batch 64, 32x32 px), far short of convergence (§4 of docs/background: every doubling of training "
-    "added about 1.5 points even on an H100).",
+    "the diffusion teacher therefore got only the wall-clock minutes and steps stated under Method (at 32x32 "
+    "px, batch 64, mostly one thread), far short of convergence (§4 of docs/background: every doubling of "
+    "training added about 1.5 points even on an H100).",
     "Teacher scoring: K=8 fixed timesteps in [50, 500], one noise draw per timestep shared by all classes "
     "and the unconditional pass, disc-masked squared error, per-trial normalisation by the unconditional "
     "error, pruning to the best 3 classes after 3 trials (its cost in accuracy was measured on validation "
@@ -504,7 +504,8 @@ def main(argv: list[str] | None = None) -> int:
         "model": {"name": meta.name, "version": meta.version, "kind": meta.kind, "classes": meta.classes,
                   "input_size": meta.input_size, "field_um": meta.field_um, "um_per_px": meta.um_per_px,
                   "temperature": meta.temperature, "bytes": onnx_path.stat().st_size,
-                  "reference_n": meta.reference.get("n", 0), "uncertainty_measure": meta.uncertainty_measure,
+                  "reference_n": sum(meta.reference.get("counts", {}).values()),
+                  "uncertainty_measure": meta.uncertainty_measure,
                   "anomaly_measure": meta.anomaly_measure},
         "data": {"citation": evaluate.DATA_CITATION, "licence": "CC BY 4.0"},
         "scale": SCALE_NOTE,

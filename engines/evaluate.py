@@ -263,6 +263,11 @@ def _pct(value: float) -> str:
     return f"{100 * value:.2f}%"
 
 
+def _median_epoch(training: dict) -> float:
+    seconds = [row["seconds"] for row in training.get("history", [])]
+    return float(np.median(seconds)) if seconds else float("nan")
+
+
 def render_card_md(card: dict) -> str:
     """The human card, generated from card.json so the two can never disagree."""
     ev, tr, sp, model = card["evaluation"], card["training"], card["split"], card["evaluation"]["model"]
@@ -297,7 +302,9 @@ def render_card_md(card: dict) -> str:
         f"- {tr['params']:,} parameters, {model['macs'] / 1e6:.1f} M multiply-accumulates "
         f"({model['flops'] / 1e6:.1f} MFLOPs) per cell.",
         f"- {tr['optimiser']}; augmentation: {tr['augmentation']}.",
-        f"- Trained on the CPU ({tr['threads']} threads) in {tr['train_seconds'] / 60:.1f} min.",
+        f"- Trained on the CPU ({tr['threads']} threads) in {tr['train_seconds'] / 60:.1f} min "
+        f"(median {_median_epoch(tr):.1f} s per epoch; the build machine is shared, so slow epochs "
+        "mean other jobs were running).",
         f"- Command: `{tr['command']}`",
     ]
     limit = tr.get("config", {}).get("per_class_limit", 0)

@@ -229,7 +229,7 @@ def simulate_pruning(errors: np.ndarray, prune_after: int, keep: int) -> tuple[n
     return out, float(passes)
 
 
-def calibrate(val_path: Path, out: Path, log=print) -> dict:
+def calibrate(val_path: Path, out: Path, primary: str = PRIMARY_ANOMALY, log=print) -> dict:
     """Fit τ on validation (NLL of softmax(-score/τ)), the anomaly squash on in-domain validation cells,
     and measure what pruning would cost; write a small JSON used by distillation and the card."""
     from calibration.temperature import fit_temperature
@@ -258,7 +258,7 @@ def calibrate(val_path: Path, out: Path, log=print) -> dict:
                 pacc = float((summarise(masked)["logits"][in_domain].argmax(1) == y[in_domain]).mean())
                 pruning.append({"prune_after": after, "keep": keep, "passes": passes, "accuracy": pacc})
     result = {"tau": tau, "val_accuracy": acc, "val_n": int(in_domain.sum()), "squash": squash_params,
-              "primary_anomaly": PRIMARY_ANOMALY, "full_passes": k * (len(teacher_classes) + 1),
+              "primary_anomaly": primary, "full_passes": k * (len(teacher_classes) + 1),
               "pruning": pruning, "timesteps": [int(t) for t in lab["timesteps"]], "classes": teacher_classes}
     if (~in_domain).any():
         from engines.compare import auroc
@@ -290,9 +290,11 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("calibrate", help="fit τ and the anomaly squash on a labelled validation file")
     c.add_argument("--val", type=Path, required=True)
     c.add_argument("--out", type=Path, required=True)
+    c.add_argument("--primary", choices=ANOMALY_SCORES, default=PRIMARY_ANOMALY,
+                   help="the anomaly score the student's head learns (fixed before test figures are seen)")
     args = parser.parse_args(argv)
     if args.command == "calibrate":
-        calibrate(args.val, args.out)
+        calibrate(args.val, args.out, args.primary)
         return 0
     root = pbc.data_dir(args.data)
     if not (root / "manifest.csv").is_file():

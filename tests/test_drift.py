@@ -56,8 +56,24 @@ def replay_and_watch(folder: Path, endpoint: str, um_per_px: float, tmp_path: Pa
     config.write_text(f"[microscope]\num_per_px = {um_per_px}\n")
     messages: list[dict] = []
     with Subscriber(endpoint, topics=(TOPIC_CELLS, TOPIC_STATUS)) as subscriber:
-        process = subprocess.Popen([sys.executable, "-m", "edge", "-q", "replay", str(folder), "--publish", endpoint,
-                                    "--config", str(config), *extra], cwd=REPO, stderr=subprocess.PIPE, text=True)
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "edge",
+                "-q",
+                "replay",
+                str(folder),
+                "--publish",
+                endpoint,
+                "--config",
+                str(config),
+                *extra,
+            ],
+            cwd=REPO,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             received = subscriber.receive(0.5)
@@ -73,8 +89,7 @@ def replay_and_watch(folder: Path, endpoint: str, um_per_px: float, tmp_path: Pa
     return messages
 
 
-def test_bccd_frames_from_another_microscope_raise_the_alarm_and_flag_every_cell(endpoint: str,
-                                                                                 tmp_path: Path) -> None:
+def test_bccd_frames_from_another_microscope_raise_the_alarm_and_flag_every_cell(endpoint: str, tmp_path: Path) -> None:
     frames = tmp_path / "frames"
     frames.mkdir()
     for loop in range(3):  # 60 frames, about 65 white cells: enough for the 60-cell window
@@ -103,3 +118,37 @@ def test_pbc_cells_at_their_own_scale_do_not_raise_the_alarm(pbc_dir: Path, endp
     assert len(cells) == 80 and white >= 60, (len(cells), white)
     assert not any(m["domain_alarm"] for m in cells)
     assert not any(ALARM_TEXT in m.get("warnings", []) for m in messages)
+
+
+@pytest.mark.parametrize(("domain", "um_per_px"), [("tecom", 0.12), ("cellavision-blog", 0.1)])
+def test_white_cells_from_other_microscopes_raise_the_alarm(domain: str, um_per_px: float) -> None:
+    import csv
+
+    import cv2
+    from conftest import SHARED_DATA
+
+    from edge import config as cfg
+    from edge.cellfinder import cut_crops
+    from edge.drift import features
+    from edge.models import open_classifier
+    from edge.service import build_alarm
+
+    root = SHARED_DATA / "wbc-shift"
+    if not root.is_dir():
+        pytest.skip(f"wbc-shift data not found at {root} (set CYTOEDGE_SHARED_DATA)")
+    classifier = open_classifier(None, "onnxruntime", 1)
+    alarm = build_alarm(classifier, cfg.load(None))
+    assert alarm is not None
+    rows = [r for r in csv.DictReader((root / "manifest.csv").open()) if r["domain"] == domain]
+    states = []
+    for row in rows[:80]:
+        image = cv2.imread(str(root / row["path"]))
+        height, width = image.shape[:2]
+        crop = cut_crops(
+            image, [(0, 0, width, height)], um_per_px, classifier.metadata.field_um, classifier.metadata.input_size
+        )
+        result = classifier.classify(crop)
+        label = classifier.metadata.classes[int(result.probs[0].argmax())]
+        states.append(alarm.update([label], features(result.anomaly, result.uncertainty, crop)))
+    assert not any(states[:29]), "no verdict before the window has min_cells"
+    assert all(states[40:]), f"alarm not steadily on for {domain}"
