@@ -276,3 +276,24 @@ def test_mutated_cells_messages_are_refused_or_safe_for_subscribers(message: dic
     differential = Differential()
     differential.add(payload)
     differential.render(None)
+
+
+@FUZZ
+@given(
+    st.sampled_from([*TOPICS, b"junk"]),
+    st.one_of(
+        st.binary(max_size=300),
+        message_values.map(lambda v: msgpack.packb(v)),
+        mutated_cells().map(lambda m: msgpack.packb(m, use_bin_type=True)),
+    ),
+)
+def test_display_state_counts_or_skips_whatever_arrives(tmp_path_factory, topic: bytes, data: bytes) -> None:  # type: ignore[no-untyped-def]
+    from edge.display.state import DisplayState
+
+    state = DisplayState(tmp_path_factory.mktemp("sessions"))
+    before = state.malformed
+    applied = state.handle_raw(topic, data)
+    assert applied or state.malformed == before + 1
+    snapshot = state.snapshot()
+    json.dumps(snapshot, default=str)  # what the page gets is always serialisable
+    assert isinstance(snapshot, dict)
