@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
-import tempfile
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -25,6 +23,7 @@ import numpy as np
 
 from edge.cellfinder import FinderParams, find_cells
 from edge.errors import CytoedgeError
+from edge.fileutil import atomic_write_bytes
 from edge.quality import sharpness
 
 RBC_DIAMETER_UM = 7.5
@@ -227,16 +226,6 @@ def _trailing_comment(rest: str) -> str:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        if path.exists():
-            os.chmod(temp, path.stat().st_mode & 0o7777)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    """Keep the config file's own permissions (it may be 0640 root:cytoedge)."""
+    mode = path.stat().st_mode & 0o7777 if path.exists() else 0o644
+    atomic_write_bytes(path, text.encode("utf-8"), mode=mode)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
 from edge.errors import ConfigError
+from edge.fileutil import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -35,21 +35,6 @@ def is_loopback(endpoint: str) -> bool:
         return True
     host = urlsplit(endpoint).hostname or ""
     return host in ("localhost", "::1") or host.startswith("127.")
-
-
-def _write_private(path: Path, text: str, mode: int) -> None:
-    """Create the file with its final permissions from the first byte, then rename into place."""
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(handle, mode)
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
 
 
 def _certificate(public: bytes, secret: bytes | None) -> str:
@@ -75,8 +60,8 @@ def new_keypair(folder: Path, name: str, overwrite: bool = False) -> tuple[Path,
     if not overwrite and (public_path.exists() or secret_path.exists()):
         raise ConfigError(f"{public_path} or {secret_path} already exists; choose another name or --force")
     public, secret = zmq.curve_keypair()
-    _write_private(secret_path, _certificate(public, secret), 0o600)
-    _write_private(public_path, _certificate(public, None), 0o644)
+    atomic_write_bytes(secret_path, _certificate(public, secret).encode(), mode=0o600)
+    atomic_write_bytes(public_path, _certificate(public, None).encode(), mode=0o644)
     return public_path, secret_path
 
 

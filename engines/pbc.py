@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edge.fileutil import atomic_write_bytes
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "pbc"
 CACHE_DIR = REPO_ROOT / ".cache" / "pbc"
@@ -114,21 +116,6 @@ def load_crop_bgr(path: Path, size: int) -> np.ndarray:
     return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same folder then rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; shipped files must be readable by the service user
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
@@ -179,6 +166,11 @@ def measure_red_cell_px(root: Path, samples: Sequence[Sample], limit: int = 60) 
                 widths.append((w + h) / 2)
     values = np.array(widths) if widths else np.array([np.nan])
     median = float(np.median(values))
-    return {"n": len(widths), "median_px": median, "q25_px": float(np.percentile(values, 25)),
-            "q75_px": float(np.percentile(values, 75)), "um_per_px": 7.5 / median,
-            "field_um_144px": 144 * 7.5 / median}
+    return {
+        "n": len(widths),
+        "median_px": median,
+        "q25_px": float(np.percentile(values, 25)),
+        "q75_px": float(np.percentile(values, 75)),
+        "um_per_px": 7.5 / median,
+        "field_um_144px": 144 * 7.5 / median,
+    }
