@@ -269,7 +269,8 @@ TRIED = [
 
 COMMANDS = [
     "# 1. diffusion teachers (resumable; --minutes is a wall-clock training budget; 1 thread each, run side by side)",
-    "python -m engines.diffusion train --minutes 24 --threads 1 --out .cache/diffusion/teacher.pt",
+    "python -m engines.diffusion train --minutes 29 --threads 1 --out .cache/diffusion/teacher.pt"
+    "  # this run: 7 min with --threads 2, then resumed with 1 thread (same maths, faster on a busy CPU)",
     "python -m engines.diffusion train --minutes 16 --threads 1 --exclude erythroblast "
     "--out .cache/diffusion/teacher-noery.pt",
     "# 2. label the fixed split with the teacher; fit tau + anomaly squash on val; pruning chosen on val",
@@ -278,7 +279,7 @@ COMMANDS = [
     "python -m engines.teacher calibrate --val .cache/teacher/teacher-val.npz --out .cache/teacher/teacher-calib.json",
     "python -m engines.teacher label --teacher .cache/diffusion/teacher.pt --split test --prune-after 3 --keep 3 "
     "--threads 1 --out .cache/teacher/teacher-test.npz",
-    "python -m engines.teacher label --teacher .cache/diffusion/teacher.pt --split train --per-class 60 "
+    "python -m engines.teacher label --teacher .cache/diffusion/teacher.pt --split train --per-class 150 "
     "--prune-after 3 --keep 3 --threads 1 --out .cache/teacher/teacher-train.npz",
     "# 3. distil (body initialised from the shipped baseline's checkpoint, 30 epochs, = baseline model.onnx "
     "6531d538...) and export",
