@@ -6,7 +6,7 @@ open file descriptors and threads, the display's RSS, the queue depth and latenc
 topic, and the subscriber's counts. At the end it prints the figures docs/hardening.md records and
 draws a plot (matplotlib, if installed).
 
-    python tools/soak.py --duration 3600 --out artifacts/soak
+    python tests/soak.py --duration 3600 --out artifacts/soak
 """
 
 from __future__ import annotations
