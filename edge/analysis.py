@@ -53,8 +53,16 @@ def classify_detections(
                 probs={name: round(float(p), 5) for name, p in zip(meta.classes, probs, strict=True)},
                 uncertainty=round(uncertainty, 5),
                 anomaly=round(anomaly, 5),
-                review=uncertainty > review_uncertainty or anomaly > review_anomaly,
+                review=uncertainty > review_uncertainty
+                or anomaly > review_anomaly
+                or _finder_and_model_disagree(detection.kind, meta.classes[int(np.argmax(probs))]),
             )
             crops_by_cell[index] = crops[row]
         cells.append(cell)
     return cells, crops_by_cell
+
+
+def _finder_and_model_disagree(kind: str, label: str) -> bool:
+    """A white cell the model calls a platelet, or a platelet it calls a white cell: one of the two is
+    wrong, so a person should look."""
+    return (kind == "wbc") == (label == "platelet")

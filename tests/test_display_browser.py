@@ -411,10 +411,7 @@ def test_page_shows_the_published_differential_takes_a_correction_and_warns_when
     ]
     assert all(d["run"] == publisher.run and isinstance(d["time"], float) for d in decisions)
 
-    page.locator("#message").evaluate("toast => { toast.hidden = true; }")  # a clean picture for the docs
-    paths = save_screenshot(page, "display.png")
-    (REPO / "docs" / "img").mkdir(exist_ok=True)
-    shutil.copyfile(paths[0], REPO / "docs" / "img" / "display.png")
+    save_screenshot(page, "display-hand-publisher.png")
 
     # The publisher goes away: the page says so within --stale-after.
     publisher.stop()
@@ -559,3 +556,88 @@ def test_page_script_never_writes_message_data_as_html() -> None:
     script = (REPO / "edge" / "display" / "static" / "app.js").read_text()
     for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval("):
         assert sink not in script
+
+
+# -- the same page fed by the real pipeline ------------------------------------------------------
+def test_real_pipeline_replay_drives_the_page_end_to_end(tmp_path: Path, page: Any) -> None:
+    """`cytoedge replay` of the BCCD frames -> the display -> Chromium: the page's differential equals
+    the tally of the published messages (each cell counted on its first sighting), a flagged cell is in
+    the review queue, a correction moves a count and is saved, and the end of the stream is shown."""
+    import subprocess
+    import sys
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    server = DisplayServer(endpoint, ("127.0.0.1", free_port()), tmp_path / "sessions", target=100, stale_after_s=5.0)
+    server.start()
+    config = tmp_path / "replay.toml"
+    config.write_text("[review]\nuncertainty = 0.3\n[publish]\npreview_interval_s = 0.2\n")
+    audit = tmp_path / "audit.jsonl"
+    try:
+        page.goto(server.url)
+        replay = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "edge",
+                "-q",
+                "replay",
+                str(SAMPLES),
+                "--publish",
+                endpoint,
+                "--fps",
+                "8",
+                "--audit",
+                str(audit),
+                "--config",
+                str(config),
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert replay.returncode == 0, replay.stderr
+        published = [json.loads(line) for line in audit.read_text().splitlines()]
+        assert len(published) == 20
+        first_sightings = [{**m, "cells": [c for c in m["cells"] if c["first_seen"]]} for m in published]
+        white, platelets, red = tally(first_sightings)
+        wait_for_text(page, "#frames", "20")
+        wait_for_text(page, "#white-total", str(sum(white.values())))
+        assert page_counts(page) == dict(white)
+        assert page.locator("#platelets").inner_text() == str(platelets)
+        assert page.locator("#red-cells").inner_text() == str(red)
+        assert page.locator("#h-model").inner_text() == published[0]["model"]
+
+        flagged = [
+            (m["frame_id"], c["id"], c["kind"])
+            for m in first_sightings
+            for c in m["cells"]
+            if c["review"] and c["label"]
+        ]
+        flagged_white = [f"{published[0]['run']}/{frame}/{cell}" for frame, cell, kind in flagged if kind == "wbc"]
+        assert flagged_white, "the review threshold in this test flags at least one white cell"
+        page.wait_for_function(f"document.querySelectorAll('#queue li.card').length === {min(len(flagged), 24)}")
+        key = flagged_white[-1]  # newest first on the page; a white cell, so the correction moves a white count
+        card = page.locator(f'#queue li.card[data-key="{key}"]')
+        model_label = card.locator("button.accept").inner_text().removeprefix("Accept ").strip()
+        new_label = card.locator("button.other").first.get_attribute("data-label")
+        before = page_counts(page)
+        card.locator("button.other").first.click()
+        card.locator(".decision", has_text=f"corrected to {new_label}").wait_for()
+        after = page_counts(page)
+        assert after.get(new_label, 0) == before.get(new_label, 0) + 1
+        assert after.get(model_label, 0) == before.get(model_label, 0) - 1
+        decisions = [json.loads(line) for line in server.state.slide.session.path.read_text().splitlines()]
+        assert [(d["model_label"], d["reviewer_label"], d["action"]) for d in decisions] == [
+            (model_label, new_label, "correct")
+        ]
+        page.locator("#message").evaluate("toast => { toast.hidden = true; }")  # a clean picture for the docs
+        paths = save_screenshot(page, "display.png")
+        (REPO / "docs" / "img").mkdir(exist_ok=True)
+        shutil.copyfile(paths[0], REPO / "docs" / "img" / "display.png")
+
+        banner = page.locator("#stale-banner")  # the replay has ended: no more messages
+        banner.filter(has_text="No data for").wait_for(timeout=15_000)
+        assert banner.is_visible()
+    finally:
+        server.stop()
