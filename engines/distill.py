@@ -7,8 +7,10 @@ so the runtime's ``uncertainty``/``anomaly`` fields come from the teacher's sens
 
     python -m engines.distill train --labels .cache/teacher/teacher-train.npz \
         --calib .cache/teacher/teacher-calib.json --init .cache/distill/baseline-init.pt \
-        --out .cache/distill/student.pt
-    python -m engines.distill export --student .cache/distill/student.pt --out engines/models/student-v1
+        --epochs 4 --kl-weight 0.1 --out .cache/distill/student-kl01.pt
+    python -m engines.distill export --student .cache/distill/student-kl01.pt --out engines/models/student-v1
+
+(The exact sequence that built the shipped student is in its card.)
 
 ``--preset smoke`` trains on a tiny subset for a couple of epochs (CI). Checkpoints every epoch; an
 interrupted run resumes.
@@ -256,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--init", default="", help="baseline checkpoint to start the body from")
     p.add_argument("--preset", choices=sorted(PRESETS), default="full")
     p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--kl-weight", type=float, default=None, help="weight of KL(teacher || student)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--exclude", action="append", choices=pbc.CLASSES)
@@ -276,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = dict(PRESETS[args.preset])
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
+    if args.kl_weight is not None:
+        overrides["kl_weight"] = args.kl_weight
     cfg = DistillConfig(**overrides, seed=args.seed, threads=args.threads, init=args.init,
                         exclude_classes=sorted(args.exclude or []))
     train(root, cfg, args.labels, args.calib, args.out)
