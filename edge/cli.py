@@ -88,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="replay as fast as possible and print throughput and latency")
     bench.add_argument("path", nargs="?", help="what to replay (default: the bundled samples)")
     bench.add_argument("--frames", type=int, default=400, help="frames to process, looping the input (default 400)")
+    bench.add_argument(
+        "--fps",
+        type=float,
+        help="offer frames at this rate, as a camera would (default: as fast as the pipeline takes them; "
+        "then latency includes the wait behind the frame in progress)",
+    )
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     _add_model_flag(bench)
     _add_config_flag(bench)
