@@ -52,3 +52,15 @@ def pbc_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"PBC data not found at {path} (set CYTOEDGE_SHARED_DATA)")
     return path
+
+
+PBC_MINI = REPO / "tests" / "data" / "pbc-mini"
+
+
+def smoke_pbc_root() -> Path:
+    """The full PBC data when present, else the bundled 96-crop mini set: the training smoke chains
+    must run in CI on any machine, and measure nothing either way."""
+    from engines import pbc
+
+    root = pbc.data_dir()
+    return root if (root / "manifest.csv").is_file() else PBC_MINI

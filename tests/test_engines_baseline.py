@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import smoke_pbc_root
 
 from edge.classifier import preprocess
 from edge.modelmeta import METADATA_KEY, file_sha256, parse_metadata
@@ -182,7 +183,7 @@ def test_training_normalisation_matches_runtime() -> None:
 @pytest.mark.slow
 def test_smoke_preset_end_to_end(tmp_path: Path) -> None:
     pytest.importorskip("torch")
-    root = need_data()
+    root = smoke_pbc_root()
     out = tmp_path / "smoke"
     result = subprocess.run(
         [sys.executable, "-m", "engines.baseline", "train", "--preset", "smoke", "--data", str(root),

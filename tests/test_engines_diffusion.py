@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import smoke_pbc_root
 
 from engines import pbc
 
@@ -104,11 +105,12 @@ def test_calibration_package_reuses_the_engines_fit() -> None:
 
 # ------------------------------------------------------------------------------------ the whole chain
 @pytest.mark.slow
-def test_smoke_chain_end_to_end(tmp_path: Path) -> None:
+def test_smoke_chain_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Tiny teacher -> label -> calibrate -> distil -> export -> the runtime loads it and classifies a real
     crop, with uncertainty and anomaly taken from the student's heads."""
     pytest.importorskip("torch")
-    root = need_data()
+    root = smoke_pbc_root()
+    monkeypatch.setenv("CYTOEDGE_PBC", str(root))
     from edge.onnx_backend import OnnxRuntimeClassifier
     from engines import diffusion, distill, teacher
 
