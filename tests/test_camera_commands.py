@@ -1,0 +1,51 @@
+"""`cytoedge calibrate` and `cytoedge record` through the real command line, on the bundled frames."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from conftest import SAMPLES, run_cli
+
+from edge import config as cfg
+
+
+def test_calibrate_scale_writes_the_estimate_into_the_config_and_keeps_comments(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(f'# lab config\n[source]\npath = "{SAMPLES}"\n[microscope]\num_per_px = 0.1  # old guess\n')
+    result = run_cli("calibrate", "scale", "--config", str(config), "--frames", "8", "--write")
+    assert result.returncode == 0, result.stderr
+    value = cfg.load(config)["microscope"]["um_per_px"]
+    assert 0.068 < value < 0.082  # BCCD: a red cell of ~7.5 µm is ~100 px
+    text = config.read_text()
+    assert text.startswith("# lab config") and "# old guess" in text
+
+
+def test_calibrate_write_without_a_config_file_is_a_usage_error() -> None:
+    result = run_cli("calibrate", "focus", "--frames", "4", "--write")
+    assert result.returncode == 2
+    assert "--write needs --config FILE" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_stage_micrometer_value_is_written_as_given(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("[microscope]\num_per_px = 0.1\n")
+    result = run_cli("calibrate", "scale", "--stage-micrometer", "0.0734", "--write", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert cfg.load(config)["microscope"]["um_per_px"] == 0.0734
+
+
+def test_record_then_replay_publishes_the_same_cells(tmp_path: Path, endpoint: str) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(f'[source]\npath = "{SAMPLES}"\npace = "max"\n')
+    session = tmp_path / "session"
+    recorded = run_cli("record", str(session), "--config", str(config))
+    assert recorded.returncode == 0, recorded.stderr
+    assert len((session / "index.jsonl").read_text().splitlines()) == 20
+    audits = []
+    for name, path in (("original", SAMPLES), ("recorded", session)):
+        audit = tmp_path / f"{name}.jsonl"
+        result = run_cli("replay", str(path), "--publish", endpoint, "--pace", "max", "--audit", str(audit))
+        assert result.returncode == 0, result.stderr
+        audits.append([json.loads(line)["cells"] for line in audit.read_text().splitlines()])
+    assert audits[0] == audits[1]
