@@ -129,6 +129,8 @@ class TrainConfig:
     exclude_classes: list[str] = field(default_factory=list)
     # Smoke runs: at most this many crops per class and split (0 = all).
     per_class_limit: int = 0
+    # "basic": the flips/shift/jitter below only; "robust": engines.augment's lab-to-lab set first.
+    augment: str = "basic"
 
 
 @dataclass
@@ -193,7 +195,10 @@ def predict_logits(model: nn.Module, images_bgr: np.ndarray, mean: list[float], 
 def run_key(cfg: TrainConfig, data: PreparedData) -> str:
     import hashlib
 
-    text = json.dumps({"cfg": asdict(cfg), "split": data.split_summary["sha256"],
+    config = asdict(cfg)
+    if config["augment"] == "basic":
+        del config["augment"]  # keeps the keys (and --resume) of runs made before the option existed
+    text = json.dumps({"cfg": config, "split": data.split_summary["sha256"],
                        "n": {k: len(v) for k, v in data.labels.items()}}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -236,7 +241,12 @@ def train(root: Path, cfg: TrainConfig, checkpoint_dir: Path, resume: bool = Fal
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             if len(idx) < 2:
                 continue
-            x = augment(to_tensor(train_x[idx.numpy()]), gen)
+            batch = train_x[idx.numpy()]
+            if cfg.augment != "basic":
+                from engines.augment import augment_batch
+
+                batch = augment_batch(batch, cfg.augment, np.random.default_rng([cfg.seed, epoch, step]))
+            x = augment(to_tensor(batch), gen)
             x = normalise(x, data.mean, data.std).contiguous(memory_format=torch.channels_last)
             y = train_y[idx]
             logits = model(x)
@@ -278,7 +288,7 @@ def build(args: argparse.Namespace) -> int:
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
     cfg = TrainConfig(**overrides, seed=args.seed, threads=args.threads,
-                      exclude_classes=sorted(args.exclude or []))
+                      exclude_classes=sorted(args.exclude or []), augment=args.augment)
     root = pbc.data_dir(args.data)
     if not (root / "manifest.csv").is_file():
         print(f"no PBC data at {root} (set --data or CYTOEDGE_PBC)", file=sys.stderr)
@@ -312,6 +322,11 @@ def build(args: argparse.Namespace) -> int:
                      f"{cfg.epochs} epochs, cross-entropy",
         "augmentation": "flips, transpose (90° rotations), ±3 px shift, brightness/contrast ±10%, hue ±9°",
     }
+    if cfg.augment != "basic":
+        from engines.augment import PIPELINES
+
+        training["augmentation"] = (f"engines.augment '{cfg.augment}' ({PIPELINES[cfg.augment].describe()}; "
+                                    "see docs/robustness.md), then " + training["augmentation"])
     report = evaluate.evaluate_onnx(onnx_path, data.images["test"], data.labels["test"],
                                     timing_repeats=args.timing_repeats)
     evaluate.write_card(out, onnx_path, report, training, data.split_summary)
@@ -331,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--exclude", action="append", choices=pbc.CLASSES, help="hold a class out (repeatable)")
+    p.add_argument("--augment", choices=["basic", "robust"], default="basic",
+                   help="robust: add engines.augment's lab-to-lab set (stain, light, blur, noise, JPEG, scale)")
     p.add_argument("--name", default="baseline-cnn")
     p.add_argument("--version", default="1.0.0")
     p.add_argument("--timing-repeats", type=int, default=20)
