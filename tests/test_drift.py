@@ -120,7 +120,7 @@ def test_pbc_cells_at_their_own_scale_do_not_raise_the_alarm(pbc_dir: Path, endp
     assert not any(ALARM_TEXT in m.get("warnings", []) for m in messages)
 
 
-@pytest.mark.parametrize(("domain", "um_per_px"), [("tecom", 0.12), ("cellavision-blog", 0.1)])
+@pytest.mark.parametrize(("domain", "um_per_px"), [("tecom", 0.188), ("cellavision-blog", 0.099)])
 def test_white_cells_from_other_microscopes_raise_the_alarm(domain: str, um_per_px: float) -> None:
     import csv
 
