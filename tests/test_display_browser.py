@@ -624,6 +624,9 @@ def test_real_pipeline_replay_drives_the_page_end_to_end(tmp_path: Path, page: A
         before = page_counts(page)
         card.locator("button.other").first.click()
         card.locator(".decision", has_text=f"corrected to {new_label}").wait_for()
+        deadline = time.monotonic() + 10  # the counts arrive with the next pushed snapshot
+        while page_counts(page) == before and time.monotonic() < deadline:
+            time.sleep(0.1)
         after = page_counts(page)
         assert after.get(new_label, 0) == before.get(new_label, 0) + 1
         assert after.get(model_label, 0) == before.get(model_label, 0) - 1
