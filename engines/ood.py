@@ -28,7 +28,6 @@ from edge.cellfinder import background_colour, cut_crops
 from edge.onnx_backend import OnnxRuntimeClassifier
 from engines import evaluate, pbc
 
-DEFAULT_DATA = pbc.REPO_ROOT.parent / "shared" / "data" / "wbc-shift"
 DOMAINS = ("tecom", "cellavision-blog")
 # The runtime's default review rule (edge/defaults.toml [review]).
 REVIEW_UNCERTAINTY = 0.5
@@ -48,14 +47,8 @@ class Cell:
 
 
 def data_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
-    """Argument, $CYTOEDGE_WBC_SHIFT, $CYTOEDGE_SHARED_DATA/wbc-shift, then ../shared/data/wbc-shift."""
-    if explicit:
-        return Path(explicit)
-    if os.environ.get("CYTOEDGE_WBC_SHIFT"):
-        return Path(os.environ["CYTOEDGE_WBC_SHIFT"])
-    if os.environ.get("CYTOEDGE_SHARED_DATA"):
-        return Path(os.environ["CYTOEDGE_SHARED_DATA"]) / "wbc-shift"
-    return DEFAULT_DATA
+    """Where wbc-shift lives ($CYTOEDGE_WBC_SHIFT overrides)."""
+    return pbc.shared_dataset("wbc-shift", "CYTOEDGE_WBC_SHIFT", explicit)
 
 
 def read_manifest(root: Path) -> list[Cell]:

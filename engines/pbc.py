@@ -23,7 +23,6 @@ import numpy as np
 from edge.fileutil import atomic_write_bytes
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "pbc"
 CACHE_DIR = REPO_ROOT / ".cache" / "pbc"
 CLASSES = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet"]
 SPLIT_SEED = 20240601
@@ -40,16 +39,21 @@ class Sample:
     subtype: str = ""
 
 
-def data_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
-    """Where the PBC data lives: argument, $CYTOEDGE_PBC, $CYTOEDGE_SHARED_DATA/pbc (as the tests'
-    conftest), then ../shared/data/pbc next to the repository."""
+def shared_dataset(name: str, env_var: str, explicit: str | os.PathLike[str] | None = None) -> Path:
+    """Where a data set of ../shared/data lives: argument, $<env_var>, $CYTOEDGE_SHARED_DATA/<name>
+    (as the tests' conftest), then ../shared/data/<name> next to the repository."""
     if explicit:
         return Path(explicit)
-    if os.environ.get("CYTOEDGE_PBC"):
-        return Path(os.environ["CYTOEDGE_PBC"])
+    if os.environ.get(env_var):
+        return Path(os.environ[env_var])
     if os.environ.get("CYTOEDGE_SHARED_DATA"):
-        return Path(os.environ["CYTOEDGE_SHARED_DATA"]) / "pbc"
-    return DEFAULT_DATA
+        return Path(os.environ["CYTOEDGE_SHARED_DATA"]) / name
+    return REPO_ROOT.parent / "shared" / "data" / name
+
+
+def data_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """Where the PBC data lives ($CYTOEDGE_PBC overrides)."""
+    return shared_dataset("pbc", "CYTOEDGE_PBC", explicit)
 
 
 def read_manifest(root: Path) -> list[Sample]:
