@@ -404,3 +404,14 @@ def test_only_targets_of_100_or_200_are_accepted(tmp_path: Path) -> None:
     assert DisplayState(tmp_path, target=200).snapshot()["target"] == 200
     with pytest.raises(ValueError, match="target"):
         DisplayState(tmp_path, target=150)
+
+
+def test_two_new_slides_within_one_second_get_different_session_files(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from edge.display.state import DisplayState
+
+    state = DisplayState(tmp_path, clock=lambda: 1_800_000_000.0)
+    first = state.slide.session.path
+    state.new_slide()
+    second = state.slide.session.path
+    state.new_slide()
+    assert len({first, second, state.slide.session.path}) == 3

@@ -131,14 +131,19 @@ class SessionLog:
             os.fsync(out.fileno())
 
 
+_NAMES_GIVEN: set[Path] = set()  # session files are created lazily, so "exists" alone cannot tell
+
+
 def new_session_path(directory: Path, now: float) -> Path:
-    """`slide-YYYYmmdd-HHMMSS.jsonl` (local time, what the bench clock shows), never an existing name."""
+    """`slide-YYYYmmdd-HHMMSS.jsonl` (local time, what the bench clock shows), never an existing name
+    nor one already given to another slide (two new slides within one second get `-2`, `-3`, ...)."""
     stem = "slide-" + time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
     path = directory / f"{stem}.jsonl"
     n = 2
-    while path.exists():
+    while path.exists() or path.resolve() in _NAMES_GIVEN:
         path = directory / f"{stem}-{n}.jsonl"
         n += 1
+    _NAMES_GIVEN.add(path.resolve())
     return path
 
 
