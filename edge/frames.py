@@ -43,7 +43,7 @@ def decode_image(data: bytes, name: str, max_pixels: int = 40_000_000) -> np.nda
     if data.startswith(_PNG_START) and not data.rstrip(b"\0").endswith(_PNG_END):
         raise BadImage(f"{name}: truncated PNG (no IEND chunk)")
     buffer = np.frombuffer(data, dtype=np.uint8)
-    _check_declared_size(buffer, name, max_pixels)
+    _check_declared_size(data[: 64 * 1024], name, max_pixels)
     image = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
     if image is None or image.size == 0:
         raise BadImage(f"{name}: not a readable image")
@@ -52,18 +52,14 @@ def decode_image(data: bytes, name: str, max_pixels: int = 40_000_000) -> np.nda
     return image
 
 
-def _check_declared_size(buffer: np.ndarray, name: str, max_pixels: int) -> None:
+def _check_declared_size(header: bytes, name: str, max_pixels: int) -> None:
     """Refuse images whose header declares a huge size before OpenCV allocates for it."""
-    try:
-        ok, width, height = _header_size(buffer)
-    except cv2.error:
-        return
+    ok, width, height = _header_size(header)
     if ok and width * height > max_pixels:
         raise BadImage(f"{name}: declared {width}x{height} exceeds the {max_pixels}-pixel limit")
 
 
-def _header_size(buffer: np.ndarray) -> tuple[bool, int, int]:
-    data = buffer.tobytes()[: 64 * 1024]
+def _header_size(data: bytes) -> tuple[bool, int, int]:
     if data.startswith(_PNG_START) and len(data) >= 24:
         return True, int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     if data.startswith(_JPEG_START):

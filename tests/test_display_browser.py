@@ -24,7 +24,7 @@ import cv2
 import msgpack
 import pytest
 import zmq
-from conftest import REPO, SAMPLES, free_port
+from conftest import REPO, SAMPLES, free_port, run_cli
 
 from edge.display.server import DisplayServer
 from edge.messages import SCHEMA_BY_TOPIC, TOPIC_CELLS, TOPIC_PREVIEW, TOPIC_STATUS, TOPIC_THUMB, TOPICS
@@ -563,8 +563,6 @@ def test_real_pipeline_replay_drives_the_page_end_to_end(tmp_path: Path, page: A
     """`cytoedge replay` of the BCCD frames -> the display -> Chromium: the page's differential equals
     the tally of the published messages (each cell counted on its first sighting), a flagged cell is in
     the review queue, a correction moves a count and is saved, and the end of the stream is shown."""
-    import subprocess
-    import sys
 
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     server = DisplayServer(endpoint, ("127.0.0.1", free_port()), tmp_path / "sessions", target=100, stale_after_s=5.0)
@@ -574,27 +572,18 @@ def test_real_pipeline_replay_drives_the_page_end_to_end(tmp_path: Path, page: A
     audit = tmp_path / "audit.jsonl"
     try:
         page.goto(server.url)
-        replay = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "edge",
-                "-q",
-                "replay",
-                str(SAMPLES),
-                "--publish",
-                endpoint,
-                "--fps",
-                "8",
-                "--audit",
-                str(audit),
-                "--config",
-                str(config),
-            ],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=120,
+        replay = run_cli(
+            "-q",
+            "replay",
+            str(SAMPLES),
+            "--publish",
+            endpoint,
+            "--fps",
+            "8",
+            "--audit",
+            str(audit),
+            "--config",
+            str(config),
         )
         assert replay.returncode == 0, replay.stderr
         published = [json.loads(line) for line in audit.read_text().splitlines()]

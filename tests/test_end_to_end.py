@@ -9,7 +9,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SAMPLES
+from conftest import REPO, SAMPLES, run_cli
 
 from edge.client import Subscriber
 from edge.messages import TOPIC_CELLS, TOPIC_STATUS
@@ -123,26 +123,7 @@ def test_sigterm_finishes_and_publishes_a_final_status(endpoint: str) -> None:
 
 def test_replay_to_the_end_exits_0_with_finished_state(endpoint: str, tmp_path: Path) -> None:
     audit = tmp_path / "audit.jsonl"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "edge",
-            "-q",
-            "replay",
-            str(SAMPLES),
-            "--publish",
-            endpoint,
-            "--pace",
-            "max",
-            "--audit",
-            str(audit),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_cli("-q", "replay", str(SAMPLES), "--publish", endpoint, "--pace", "max", "--audit", str(audit))
     assert result.returncode == 0, result.stderr
     lines = audit.read_text().splitlines()
     assert len(lines) == 20
