@@ -160,6 +160,30 @@ def build_parser() -> argparse.ArgumentParser:
     keys_new.add_argument("--force", action="store_true", help="replace existing files of that name")
     keys_new.set_defaults(handler=_lazy("edge.commands.keys", "new"))
 
+    models = commands.add_parser("models", help="site models: list them, choose the active one, roll back")
+    models_commands = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    models_list = models_commands.add_parser("list", help="the store's models, marking the active one")
+    models_use = models_commands.add_parser("use", help="make a stored model the active one (checked first)")
+    models_use.add_argument("name", help="a model folder in the store (see `cytoedge models list`)")
+    models_rollback = models_commands.add_parser("rollback", help="go back to the model active before the last use")
+    for sub, handler in ((models_list, "list_models"), (models_use, "use"), (models_rollback, "rollback")):
+        sub.add_argument(
+            "--store",
+            metavar="DIR",
+            help="model store (default: model.store from --config, else $CYTOEDGE_STATE_DIR/models, "
+            "else ~/.local/share/cytoedge/models)",
+        )
+        _add_config_flag(sub)
+        sub.set_defaults(handler=_lazy("edge.commands.models_cmds", handler))
+
+    adapt = commands.add_parser(
+        "adapt", help="build a site model from this microscope's reviewed cells (needs the [train] extra)"
+    )
+    from edge.commands.adapt import add_arguments as add_adapt_arguments
+
+    add_adapt_arguments(adapt)
+    adapt.set_defaults(handler=_lazy("edge.commands.adapt", "main"))
+
     config = commands.add_parser("config", help="check or show configuration")
     config_commands = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     check = config_commands.add_parser("check", help="validate a config file")

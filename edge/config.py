@@ -105,6 +105,7 @@ RULES: dict[str, dict[str, Rule]] = {
     },
     "model": {
         "path": Rule(str, "a path to an ONNX model (empty = bundled default)"),
+        "store": Rule(str, "a folder (empty = $CYTOEDGE_STATE_DIR/models, else ~/.local/share/cytoedge/models)"),
         "backend": _choice("onnxruntime", "tensorrt"),
         "threads": Rule(int, "an integer from 1 to 64", lambda v: 1 <= v <= 64),
     },

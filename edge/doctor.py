@@ -144,7 +144,7 @@ def model_and_backend(config: dict[str, Any]) -> list[Line]:
     model = config.get("model", {})
     backend = model.get("backend", "onnxruntime")
     try:
-        path = resolve_model_path(model.get("path"))
+        path = resolve_model_path(model.get("path"), model.get("store"))
     except CytoedgeError as exc:
         return [Line("model", str(exc), ok=False, blocking=True)]
     try:

@@ -1,4 +1,5 @@
-"""Finding and opening model files: the bundled default, or a path from config or --model."""
+"""Finding and opening model files: a path from config or --model, else the store's active site model,
+else the bundled default."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 
 from edge.classifier import Classifier
 from edge.errors import ConfigError, ModelError
+from edge.modelstore import ModelStore, store_dir
 
 
 def bundled_models_dir() -> Path:
@@ -25,10 +27,12 @@ def default_model_path() -> Path:
     return models / name / "model.onnx"
 
 
-def resolve_model_path(configured: str | Path | None) -> Path:
-    if configured in (None, ""):
-        return default_model_path()
-    return Path(configured).expanduser()
+def resolve_model_path(configured: str | Path | None, store: str | Path | None = None) -> Path:
+    """``store``: the model store folder (``model.store``; empty = the default store). An active site model
+    that has gone missing is an error, not a silent fallback: the lab must know its site model is gone."""
+    if configured not in (None, ""):
+        return Path(configured).expanduser()
+    return ModelStore(store_dir(store)).active_model_path() or default_model_path()
 
 
 def open_classifier(
@@ -36,8 +40,9 @@ def open_classifier(
     backend: str = "onnxruntime",
     threads: int = 2,
     tensorrt: dict[str, Any] | None = None,
+    store: str | Path | None = None,
 ) -> Classifier:
-    path = resolve_model_path(configured)
+    path = resolve_model_path(configured, store)
     if backend == "onnxruntime":
         from edge.onnx_backend import OnnxRuntimeClassifier
 

@@ -47,7 +47,11 @@ def build_pipeline(
 ) -> Pipeline:
     settings = Settings.from_config(config)
     classifier = open_classifier(
-        config["model"]["path"], config["model"]["backend"], config["model"]["threads"], config["tensorrt"]
+        config["model"]["path"],
+        config["model"]["backend"],
+        config["model"]["threads"],
+        config["tensorrt"],
+        store=config["model"]["store"],
     )
     frame_source = source if source is not None else open_source(config)
     audit = AuditLog(Path(config["audit"]["path"])) if config["audit"]["path"] else None

@@ -211,3 +211,21 @@ def augment_batch(images: np.ndarray, name: str, seed: int | np.random.Generator
     """Apply the named set to a uint8 BGR batch; the same seed gives the same output."""
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     return PIPELINES[name].batch(images, rng)
+
+
+# The ablation of issue 9 (engines/ablate.py) asks what each kind of lab-to-lab variation buys, so the
+# ops are grouped by the physical cause they mimic and "robust" is retrained with one group left out.
+GROUPS: dict[str, tuple[str, ...]] = {
+    "colour": ("stain", "hsv", "white_balance", "gamma"),
+    "optics": ("illumination", "defocus", "motion_blur"),
+    "sensor": ("noise", "jpeg"),
+    "scale": ("scale",),
+}
+
+
+def without(pipeline: Pipeline, ops: tuple[str, ...]) -> Pipeline:
+    """The same pipeline minus the named ops; the others keep their order, probability and strength."""
+    return Pipeline(tuple(step for step in pipeline.steps if step.op not in ops))
+
+
+PIPELINES.update({f"robust-no-{group}": without(PIPELINES["robust"], ops) for group, ops in GROUPS.items()})

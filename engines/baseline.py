@@ -346,7 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--exclude", action="append", choices=pbc.CLASSES, help="hold a class out (repeatable)")
-    p.add_argument("--augment", choices=["basic", "robust"], default="basic",
+    from engines.augment import PIPELINES
+
+    p.add_argument("--augment", choices=["basic", *PIPELINES], default="basic",
                    help="robust: add engines.augment's lab-to-lab set (stain, light, blur, noise, JPEG, scale)")
     p.add_argument("--name", default="baseline-cnn")
     p.add_argument("--version", default="1.0.0")

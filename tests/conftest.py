@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,20 @@ def run_cli(*args: str, timeout: float = 120, env: dict[str, str] | None = None)
         cwd=REPO,
         env={**os.environ, **(env or {})},
     )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def empty_model_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """No test may pick up a site model from the developer's own store: the default store is an empty
+    folder for this session, for child processes (run_cli) too."""
+    previous = os.environ.get("CYTOEDGE_MODEL_STORE")
+    store = tmp_path_factory.mktemp("model-store")
+    os.environ["CYTOEDGE_MODEL_STORE"] = str(store)
+    yield store
+    if previous is None:
+        os.environ.pop("CYTOEDGE_MODEL_STORE", None)
+    else:
+        os.environ["CYTOEDGE_MODEL_STORE"] = previous
 
 
 @pytest.fixture

@@ -185,6 +185,20 @@ def test_correction_moves_one_count_and_is_appended_to_the_session_file(
     assert decision.reviewer_label == "monocyte"
 
 
+def test_a_decided_cell_keeps_its_crop_beside_the_session_for_adaptation(display: DisplayState) -> None:
+    feed_frame(display)
+    display.handle(TOPIC_THUMB, thumb_message(0, 2, "lymphocyte", run="run/with odd:chars"))
+    display.handle(TOPIC_CELLS, cells_message(1, [cell(0, "wbc", "lymphocyte", review=True)], run="run/with odd:chars"))
+    display.handle(TOPIC_THUMB, thumb_message(1, 0, "lymphocyte", run="run/with odd:chars"))
+    display.decide("run/with odd:chars", 1, 0, "correct", "monocyte")
+    display.decide(RUN, 0, 1, "accept")  # no thumbnail was sent for this cell: nothing to keep
+    first, second = (json.loads(line) for line in display.slide.session.path.read_text().splitlines())
+    saved = display.slide.session.path.parent / first["crop"]
+    assert first["crop"] == f"{display.slide.slide_id}/run_with_odd_chars-1-0.jpg"
+    assert saved.read_bytes() == b"\xff\xd8fakejpeg"
+    assert "crop" not in second
+
+
 def test_accept_confirms_the_model_label_without_changing_counts(display: DisplayState) -> None:
     feed_frame(display)
     display.decide(RUN, 0, 2, "accept")

@@ -23,7 +23,11 @@ def main(args: argparse.Namespace) -> int:
         cfg.load(args.config), "command line", model__path=args.model, microscope__um_per_px=args.um_per_px
     )
     classifier = open_classifier(
-        config["model"]["path"], config["model"]["backend"], config["model"]["threads"], config["tensorrt"]
+        config["model"]["path"],
+        config["model"]["backend"],
+        config["model"]["threads"],
+        config["tensorrt"],
+        store=config["model"]["store"],
     )
     try:
         image = read_image(Path(args.frame), config["pipeline"]["max_frame_pixels"])

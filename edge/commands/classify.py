@@ -42,7 +42,11 @@ def to_model_input(image: np.ndarray, classifier: Classifier, um_per_px: float |
 def main(args: argparse.Namespace) -> int:
     config = cfg.with_overrides(cfg.load(args.config), "command line", model__path=args.model)
     classifier = open_classifier(
-        config["model"]["path"], config["model"]["backend"], config["model"]["threads"], config["tensorrt"]
+        config["model"]["path"],
+        config["model"]["backend"],
+        config["model"]["threads"],
+        config["tensorrt"],
+        store=config["model"]["store"],
     )
     files = list(expand(args.paths))
     if not files:

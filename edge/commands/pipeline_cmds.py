@@ -8,7 +8,7 @@ from pathlib import Path
 
 from edge import config as cfg
 from edge.errors import CytoedgeError
-from edge.models import open_classifier
+from edge.models import open_classifier, resolve_model_path
 from edge.pipeline import Pipeline, Settings
 from edge.service import build_alarm, build_pipeline, run_pipeline
 
@@ -56,10 +56,11 @@ def reload(pipeline: Pipeline, config_path: str | None, current: cfg.Config, not
         if fixed:
             log.warning("reload: %s change(s) need a restart and were not applied", ", ".join(fixed))
         classifier = None
-        if new["model"] != current["model"]:
-            classifier = open_classifier(
-                new["model"]["path"], new["model"]["backend"], new["model"]["threads"], new["tensorrt"]
-            )
+        model = new["model"]
+        # `cytoedge models use|rollback` changes the model without changing the config: compare the file too.
+        path = resolve_model_path(model["path"], model["store"])
+        if model != current["model"] or path != pipeline.classifier.path:
+            classifier = open_classifier(path, model["backend"], model["threads"], new["tensorrt"])
         alarm = build_alarm(classifier or pipeline.classifier, new)
         pipeline.request_swap(classifier=classifier, settings=Settings.from_config(new), alarm=alarm)
         current.update({k: v for k, v in new.items() if k not in ("source", "publish")})

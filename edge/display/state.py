@@ -20,6 +20,7 @@ import csv
 import io
 import json
 import os
+import re
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edge.fileutil import atomic_write_bytes
 from edge.messages import TOPIC_CELLS, TOPIC_PREVIEW, TOPIC_STATUS, TOPIC_THUMB, MessageError, decode
 
 PLATELETS = "platelets"  # count buckets outside the white-cell differential
@@ -103,9 +105,10 @@ class Decision:
     model_label: str | None
     reviewer_label: str
     action: str
+    crop: str | None = None  # the crop the model saw, relative to the session file's folder
 
     def as_json(self) -> dict[str, Any]:
-        return {
+        record = {
             "time": self.time,
             "run": self.run,
             "frame_id": self.frame_id,
@@ -114,6 +117,9 @@ class Decision:
             "reviewer_label": self.reviewer_label,
             "action": self.action,
         }
+        if self.crop is not None:
+            record["crop"] = self.crop
+        return record
 
 
 class SessionLog:
@@ -122,6 +128,15 @@ class SessionLog:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+
+    def save_crop(self, key: CellKey, jpeg: bytes) -> str:
+        """Keep the reviewed cell's crop beside the session (`slide-…/<run>-<frame>-<cell>.jpg`, written
+        then renamed) so `cytoedge adapt` can learn from it; returns the path relative to the session's folder."""
+        run, frame_id, cell_id = key
+        safe_run = re.sub(r"[^A-Za-z0-9._-]", "_", run)[:64] or "run"
+        relative = f"{self.path.stem}/{safe_run}-{frame_id}-{cell_id}.jpg"
+        atomic_write_bytes(self.path.parent / relative, jpeg)
+        return relative
 
     def append(self, record: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -384,7 +399,9 @@ class DisplayState:
         if not isinstance(new_label, str) or new_label not in slide.classes:
             known = ", ".join(slide.classes) or "none received yet"
             raise DecisionError(f"unknown class {new_label!r}; the model's classes are: {known}")
-        decision = Decision(self.clock(), key[0], key[1], key[2], record.model_label, new_label, action)
+        jpeg = next((item.jpeg for item in self.queue if item.key == key), None)
+        crop = slide.session.save_crop(key, jpeg) if jpeg is not None else None
+        decision = Decision(self.clock(), key[0], key[1], key[2], record.model_label, new_label, action, crop)
         slide.session.append(decision.as_json())  # logged before counted: a failed write changes nothing
         slide.add(record.bucket, -1)
         record.reviewer_label = new_label

@@ -383,7 +383,7 @@ def main(args: argparse.Namespace) -> int:
 
     config = cfg.load(getattr(args, "config", None))
     settings = settings_from(config.get("tensorrt"))
-    model = resolve_model_path(args.model or config["model"]["path"])
+    model = resolve_model_path(args.model or config["model"]["path"], config["model"]["store"])
     precision = args.precision or settings["precision"]
     engine_dir = Path(args.engine_dir) if args.engine_dir else settings["engine_dir"]
     opt_batch = args.opt_batch or settings["opt_batch"]

@@ -1,0 +1,347 @@
+"""Adapting a PBC-trained classifier to one lab's microscope from that microscope's own cells.
+
+A model that has only seen one analyser's stain and optics puts foreign cells into one class
+(docs/robustness.md). Two cheap, well-understood fixes are measured here, alone and together:
+
+* **batch-norm re-estimation** (AdaBN, Li et al. 2016): the running means/variances of every
+  BatchNorm layer are recomputed on the site's *unlabelled* crops, so features are normalised with
+  the site's own statistics. Needs no labels: every found cell counts.
+* **fine-tuning** on the cells reviewers confirmed or corrected at the display: either the last
+  linear layer only (``head``) or the whole network (``all``), with the baseline's flips/shift
+  jitter, class-balanced sampling (a slide is mostly neutrophils), and a pull back towards the
+  starting weights (L2-SP) so a handful of labels cannot wreck what PBC taught.
+
+The network's weights come from ``weights.pt`` beside the model's ``model.onnx``. The runtime
+command is ``cytoedge adapt`` (edge/commands/adapt.py); the measurement on wbc-shift with 0/20/50/100
+labelled cells is ``python -m engines.adapt experiment`` (docs/robustness.md, "Adaptation").
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edge.modelmeta import ModelMetadata
+from edge.onnx_backend import OnnxRuntimeClassifier
+from engines.baseline import BaselineCNN, augment, normalise, to_tensor
+
+WEIGHTS_FILE = "weights.pt"
+REPLAY_FILE = "replay.npz"  # PBC training crops mixed into fine-tuning (see replay_set)
+
+
+@dataclass(frozen=True)
+class AdaptConfig:
+    """What ``adapt`` does; recorded in the site model's card."""
+
+    batchnorm: bool = True  # re-estimate BatchNorm statistics on the site's crops
+    layers: str = "all"  # "none" | "head" | "all": which weights the labelled cells fine-tune
+    epochs: int = 30
+    lr: float = 1e-3
+    l2sp: float = 0.01  # pull towards the starting weights (per parameter, summed squares)
+    batch_size: int = 32
+    replay: bool = False  # mix PBC training crops into every fine-tuning batch (keeps PBC accuracy)
+    mixed_batchnorm: bool = False  # batch-norm statistics over site and PBC replay crops together
+    seed: int = 0
+    threads: int = 1
+
+
+# ------------------------------------------------------------------------------------------ weights
+def save_weights(model: BaselineCNN, path: Path) -> None:
+    """State dict plus the constructor arguments, so ``load_weights`` needs nothing else."""
+    import io
+
+    from engines.pbc import atomic_write_bytes
+
+    stem = model.stem[0].out_channels
+    widths = [block.conv2.out_channels for block in model.blocks]
+    buffer = io.BytesIO()
+    torch.save({"architecture": "BaselineCNN", "num_classes": model.head.out_features,
+                "stem": stem, "widths": widths, "state_dict": model.state_dict()}, buffer)
+    atomic_write_bytes(Path(path), buffer.getvalue())
+
+
+def load_weights(model_onnx: Path) -> tuple[BaselineCNN, ModelMetadata]:
+    """The torch network behind ``model_onnx`` (from ``weights.pt`` beside it) and the ONNX file's metadata."""
+    path = Path(model_onnx).with_name(WEIGHTS_FILE)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: this model ships no training weights, so it cannot be adapted")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("architecture") != "BaselineCNN":
+        raise ValueError(f"{path}: cannot adapt architecture {state.get('architecture')!r}")
+    model = BaselineCNN(int(state["num_classes"]), int(state["stem"]), tuple(state["widths"]))
+    model.load_state_dict(state["state_dict"])
+    model.eval()
+    metadata = OnnxRuntimeClassifier(model_onnx, threads=1).metadata
+    if len(metadata.classes) != model.head.out_features:
+        raise ValueError(f"{path} has {model.head.out_features} classes, {model_onnx} has {len(metadata.classes)}")
+    return model, metadata
+
+
+# ------------------------------------------------------------------------------------- adaptation
+def _inputs(crops_bgr: np.ndarray, meta: ModelMetadata) -> torch.Tensor:
+    return normalise(to_tensor(crops_bgr), meta.mean, meta.std)
+
+
+@torch.no_grad()
+def reestimate_batchnorm(model: nn.Module, crops_bgr: np.ndarray, meta: ModelMetadata, batch: int = 64) -> None:
+    """AdaBN: replace every BatchNorm layer's running statistics by the cumulative average over the
+    site's crops (momentum None), each crop seen once plus its mirror images (cells have no up)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None
+    model.train()
+    x = _inputs(crops_bgr, meta)
+    views = [x, x.flip(-1), x.transpose(-1, -2)]
+    for view in views:
+        for i in range(0, len(view), batch):
+            part = view[i:i + batch]
+            if len(part) > 1:
+                model(part)
+    for norm in norms:
+        norm.momentum = 0.1
+    model.eval()
+
+
+def _balanced_order(labels: np.ndarray, steps: int, batch: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices drawn so each class present appears about equally often (a site's labels are mostly neutrophils)."""
+    classes = np.unique(labels)
+    weights = np.zeros(len(labels))
+    for c in classes:
+        weights[labels == c] = 1.0 / (labels == c).sum()
+    weights /= weights.sum()
+    return rng.choice(len(labels), size=(steps, batch), p=weights)
+
+
+def fine_tune(model: BaselineCNN, crops_bgr: np.ndarray, labels: np.ndarray, meta: ModelMetadata,
+              cfg: AdaptConfig, replay: tuple[np.ndarray, np.ndarray] | None = None, log=print) -> None:
+    """Fine-tune on labelled site cells; BatchNorm statistics stay frozen (they came from many more
+    unlabelled cells than there are labels). L2-SP keeps the weights near where they started."""
+    if cfg.layers == "none" or len(labels) == 0:
+        return
+    torch.manual_seed(cfg.seed)
+    params = list(model.head.parameters()) if cfg.layers == "head" else list(model.parameters())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    start = [p.detach().clone() for p in params]
+    optimiser = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    steps_per_epoch = max(1, math.ceil(len(labels) / cfg.batch_size))
+    rng = np.random.default_rng(cfg.seed)
+    order = _balanced_order(labels, cfg.epochs * steps_per_epoch, min(cfg.batch_size, max(2, len(labels))), rng)
+    replay_order = None
+    if replay is not None and len(replay[1]):
+        replay_order = _balanced_order(replay[1], len(order), order.shape[1], rng)
+        crops_bgr = np.concatenate([crops_bgr, replay[0]])
+        labels = np.concatenate([labels, replay[1]])
+        replay_order = replay_order + (len(labels) - len(replay[1]))
+        order = np.concatenate([order, replay_order], axis=1)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    y_all = torch.from_numpy(labels.astype(np.int64))
+    model.eval()  # frozen BN statistics and no dropout: the few labels only move the weights
+    for step, idx in enumerate(order):
+        x = augment(to_tensor(crops_bgr[idx]), gen)
+        x = normalise(x, meta.mean, meta.std)
+        loss = F.cross_entropy(model(x), y_all[idx])
+        if cfg.l2sp:
+            loss = loss + cfg.l2sp * sum(((p - s) ** 2).sum() for p, s in zip(params, start, strict=True))
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        if (step + 1) % steps_per_epoch == 0 and (step + 1) // steps_per_epoch % 10 == 0:
+            log(f"  fine-tune epoch {(step + 1) // steps_per_epoch}/{cfg.epochs} loss {loss.item():.4f}")
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.eval()
+
+
+def adapt_model(model: BaselineCNN, meta: ModelMetadata, unlabelled_bgr: np.ndarray, labelled_bgr: np.ndarray,
+                labels: np.ndarray, cfg: AdaptConfig, replay: tuple[np.ndarray, np.ndarray] | None = None,
+                log=print) -> BaselineCNN:
+    """BatchNorm re-estimation on every site crop (labelled ones too), then fine-tuning on the labels."""
+    torch.set_num_threads(cfg.threads)
+    if cfg.batchnorm:
+        parts = [unlabelled_bgr, labelled_bgr]
+        if cfg.mixed_batchnorm and replay is not None:
+            parts.append(replay[0])
+        pool = np.concatenate([c for c in parts if len(c)])
+        if len(pool) < 16:
+            raise ValueError(f"batch-norm re-estimation needs at least 16 site crops, got {len(pool)}")
+        reestimate_batchnorm(model, pool, meta)
+        log(f"re-estimated batch-norm statistics on {len(pool)} site crops")
+    fine_tune(model, labelled_bgr, labels, meta, cfg, replay if cfg.replay else None, log)
+    return model
+
+
+@torch.no_grad()
+def predict_probs(model: nn.Module, crops_bgr: np.ndarray, meta: ModelMetadata, batch: int = 256) -> np.ndarray:
+    model.eval()
+    parts = [model(_inputs(crops_bgr[i:i + batch], meta)) / meta.temperature for i in range(0, len(crops_bgr), batch)]
+    return torch.cat(parts).softmax(1).numpy() if parts else np.zeros((0, len(meta.classes)), np.float32)
+
+
+def save_replay(path: Path, crops_bgr: np.ndarray, labels: np.ndarray, classes: list[str]) -> None:
+    """JPEG (quality 95) bytes end to end plus offsets: a tenth of the raw size, and no pickles to load."""
+    import io
+
+    import cv2
+
+    from engines.pbc import atomic_write_bytes
+
+    encoded = [cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes() for crop in crops_bgr]
+    offsets = np.cumsum([0] + [len(e) for e in encoded]).astype(np.int64)
+    buffer = io.BytesIO()
+    np.savez(buffer, jpeg=np.frombuffer(b"".join(encoded), np.uint8), offsets=offsets,
+             labels=np.asarray(labels, np.int64), classes=np.array(classes))
+    atomic_write_bytes(Path(path), buffer.getvalue())
+
+
+def load_replay(model_onnx: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
+    """The replay set beside the model, if it ships one (classes must match the model's)."""
+    import cv2
+
+    path = Path(model_onnx).with_name(REPLAY_FILE)
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as data:
+        if [str(c) for c in data["classes"]] != list(classes):
+            raise ValueError(f"{path}: classes differ from the model's")
+        jpeg, offsets, labels = data["jpeg"], data["offsets"], data["labels"]
+    crops = np.stack([cv2.imdecode(jpeg[a:b], cv2.IMREAD_COLOR) for a, b in itertools.pairwise(offsets)])
+    return crops, labels
+
+
+# ------------------------------------------------------------------------------------- experiment
+def _draw_labelled(labels: np.ndarray, pool: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """n cells from pool, as a reviewer would meet them: at random, so the mix follows the slide."""
+    return rng.choice(pool, size=min(n, len(pool)), replace=False) if n else np.zeros(0, np.int64)
+
+
+METHODS: dict[str, AdaptConfig] = {
+    "none": AdaptConfig(batchnorm=False, layers="none"),
+    "bn": AdaptConfig(batchnorm=True, layers="none"),
+    "head": AdaptConfig(batchnorm=False, layers="head", lr=3e-3),
+    "bn+head": AdaptConfig(batchnorm=True, layers="head", lr=3e-3),
+    "bn+all": AdaptConfig(batchnorm=True, layers="all"),
+    "all+replay": AdaptConfig(batchnorm=False, layers="all", replay=True),
+    "bn+all+replay": AdaptConfig(batchnorm=True, layers="all", replay=True),
+    "mixbn+all+replay": AdaptConfig(batchnorm=True, layers="all", replay=True, mixed_batchnorm=True),
+}
+
+
+def replay_set(pbc_root: Path, classes: list[str], per_class: int, size: int, seed: int = 0
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """PBC training-split crops, ``per_class`` of each class: what fine-tuning mixes in so the site model
+    does not forget the classes and stain it was trained on."""
+    from engines import pbc
+
+    samples = pbc.read_manifest(pbc_root)
+    split = pbc.split_pbc(samples, pbc.SPLIT_SEED)
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for c in classes:
+        rows = [s for s in samples if s.label == c and split[s.path] == "train"]
+        chosen += [rows[i] for i in rng.choice(len(rows), size=min(per_class, len(rows)), replace=False)]
+    crops = np.stack([pbc.load_crop_bgr(pbc_root / s.path, size) for s in chosen])
+    return crops, np.array([classes.index(s.label) for s in chosen], np.int64)
+
+
+def experiment(model_onnx: Path, shots: tuple[int, ...], seeds: int, methods: list[str], out: Path | None,
+               epochs: int, log=print) -> dict:
+    """For each wbc-shift domain: half the cells are a fixed test set, the other half the site's pool
+    (all of it unlabelled for batch norm; n of it labelled). Balanced accuracy over the classes present,
+    mean ± sd over seeds; PBC test balanced accuracy of the adapted model next to it."""
+    from engines import evaluate, ood, pbc
+
+    root = ood.data_dir(None)
+    base, meta = load_weights(model_onnx)
+    cells = [c for c in ood.read_manifest(root) if c.domain in ood.DOMAINS and c.label in meta.classes]
+    pbc_root = pbc.data_dir(None)
+    scales = ood.estimate_scales(root, cells, pbc_root)
+    _, pbc_images, pbc_labels = evaluate.test_split(Path(model_onnx).parent, pbc_root)
+    replay = replay_set(pbc_root, meta.classes, 50, meta.input_size)
+    import cv2
+
+    report: dict = {"model": str(model_onnx), "scales": {d: s["um_per_px"] for d, s in scales.items()},
+                    "epochs": epochs, "seeds": seeds, "methods": {m: asdict(METHODS[m]) for m in methods},
+                    "domains": {}}
+    for domain in ood.DOMAINS:
+        chosen = [c for c in cells if c.domain == domain]
+        labels = np.array([meta.classes.index(c.label) for c in chosen])
+        crops = np.stack([ood.cut_field(cv2.imread(str(root / c.path), cv2.IMREAD_COLOR), scales[domain]["um_per_px"],
+                                        meta.field_um, meta.input_size) for c in chosen])
+        split_rng = np.random.default_rng(12345)
+        order = split_rng.permutation(len(chosen))
+        test, pool = order[: len(order) // 2], order[len(order) // 2:]
+        rows = report["domains"].setdefault(domain, {"n_test": len(test), "n_pool": len(pool), "results": []})
+        for n in shots:
+            if n > len(pool):
+                log(f"{domain}: skip n={n} (only {len(pool)} cells in the pool)")
+                continue
+            for method in methods:
+                if n == 0 and METHODS[method].layers != "none":
+                    continue
+                if n > 0 and METHODS[method].layers == "none":
+                    continue
+                runs = []
+                for seed in range(seeds if n else 1):
+                    began = time.time()
+                    rng = np.random.default_rng([seed, n])
+                    chosen_idx = _draw_labelled(labels, pool, n, rng)
+                    model = copy.deepcopy(base)
+                    cfg = AdaptConfig(**{**asdict(METHODS[method]), "seed": seed, "epochs": epochs})
+                    adapt_model(model, meta, crops[pool], crops[chosen_idx], labels[chosen_idx], cfg, replay,
+                                log=lambda *_: None)
+                    probs = predict_probs(model, crops[test], meta)
+                    site = evaluate.classification_metrics(probs.argmax(1), labels[test], meta.classes)
+                    pbc_probs = predict_probs(model, pbc_images, meta)
+                    pbc_metrics = evaluate.classification_metrics(pbc_probs.argmax(1), pbc_labels, meta.classes)
+                    runs.append({"seed": seed, "balanced_accuracy": site["balanced_accuracy"],
+                                 "ece": evaluate.expected_calibration_error(probs, labels[test]),
+                                 "pbc_balanced_accuracy": pbc_metrics["balanced_accuracy"],
+                                 "seconds": time.time() - began})
+                summary = {k: (float(np.mean([r[k] for r in runs])), float(np.std([r[k] for r in runs])))
+                           for k in ("balanced_accuracy", "ece", "pbc_balanced_accuracy")}
+                rows["results"].append({"n_labels": n, "method": method, "runs": runs, "mean_sd": summary})
+                log(f"{domain} n={n:3d} {method:8s} bal_acc {summary['balanced_accuracy'][0]:.3f}"
+                    f"±{summary['balanced_accuracy'][1]:.3f} ece {summary['ece'][0]:.3f} "
+                    f"pbc {summary['pbc_balanced_accuracy'][0]:.3f} ({runs[-1]['seconds']:.0f}s/run)")
+                if out:
+                    pbc.atomic_write_json(out, report)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engines.adapt", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("experiment", help="adaptation gain on wbc-shift with 0/20/50/100 labelled cells")
+    p.add_argument("model", type=Path, help="model.onnx with weights.pt beside it")
+    p.add_argument("--shots", type=int, nargs="+", default=[0, 20, 50, 100])
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=AdaptConfig.epochs)
+    p.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=list(METHODS))
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    report = experiment(args.model, tuple(args.shots), args.seeds, args.methods, args.out, args.epochs)
+    if not args.out:
+        print(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
