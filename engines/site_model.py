@@ -21,6 +21,7 @@ import numpy as np
 
 from edge.drift import Reference, features
 from edge.fileutil import atomic_write_bytes
+from edge.modelmeta import ModelMetadata
 from edge.onnx_backend import OnnxRuntimeClassifier
 from engines import evaluate, export
 from engines.adapt import (
@@ -33,6 +34,7 @@ from engines.adapt import (
     predict_probs,
     save_weights,
 )
+from engines.baseline import BaselineCNN
 
 FOLDS = 5
 MIN_LABELS_FOR_CV = 20
@@ -45,14 +47,13 @@ def _scores(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict:
             "ece": round(evaluate.expected_calibration_error(probs, labels), 4)}
 
 
-def cross_validate(base_onnx: Path, unlabelled: np.ndarray, crops: np.ndarray, labels: np.ndarray,
-                   cfg: AdaptConfig, folds: int = FOLDS, log=print) -> dict | None:
+def cross_validate(base: BaselineCNN, meta: ModelMetadata, replay: tuple[np.ndarray, np.ndarray] | None,
+                   unlabelled: np.ndarray, crops: np.ndarray, labels: np.ndarray, cfg: AdaptConfig,
+                   folds: int = FOLDS, log=print) -> dict | None:
     """Base versus adapted on held-out folds of the site's labelled cells (balanced accuracy over the
     classes present). Each fold's model sees the unlabelled crops and the other folds' labels only."""
     if len(labels) < MIN_LABELS_FOR_CV or folds < 2:
         return None
-    base, meta = load_weights(base_onnx)
-    replay = load_replay(base_onnx, meta.classes)
     rng = np.random.default_rng(cfg.seed)
     parts = np.array_split(rng.permutation(len(labels)), folds)
     base_probs = np.zeros((len(labels), len(meta.classes)), np.float32)
@@ -95,7 +96,7 @@ def build_site_model(base_onnx: Path, out: Path, name: str, unlabelled: np.ndarr
     replay = load_replay(base_onnx, meta.classes)
     log(f"adapting {meta.name} {meta.version}: {len(labels)} labelled cells, {len(unlabelled)} unlabelled crops, "
         f"{0 if replay is None else len(replay[1])} PBC replay crops")
-    validation = cross_validate(base_onnx, unlabelled, crops, index, cfg, folds, log)
+    validation = cross_validate(base, meta, replay, unlabelled, crops, index, cfg, folds, log)
     model = adapt_model(base, meta, unlabelled, crops, index, cfg, replay, log)
     out.mkdir(parents=True, exist_ok=True)
     site_meta = export.replace(meta, name=name, version=dt.date.today().isoformat(), kind="site", reference={})
@@ -105,7 +106,7 @@ def build_site_model(base_onnx: Path, out: Path, name: str, unlabelled: np.ndarr
         shutil.copyfile(Path(base_onnx).with_name(REPLAY_FILE), out / REPLAY_FILE)
     reference = site_reference(onnx_path, white)
     atomic_write_bytes(out / "reference.json", json.dumps(reference, indent=1).encode())
-    sha = OnnxRuntimeClassifier(onnx_path, threads=1).sha256
+    sha = reference["model_sha256"]  # measured on the exported file by site_reference
     card = {
         "format": "cytoedge-site-card/1",
         "name": name,
