@@ -55,6 +55,22 @@ class AdaptConfig:
     mixed_batchnorm: bool = False  # batch-norm statistics over site and PBC replay crops together
     seed: int = 0
     threads: int = 1
+    # Training on the site's unlabelled crops after batch-norm re-estimation (engines/selftrain.py):
+    # "none" | "im" (information maximisation, SHOT-IM / TENT) | "selftrain" (class-balanced pseudo-labels).
+    unsupervised: str = "none"
+    im_params: str = "bn"  # "bn": BatchNorm affine weights only (TENT) | "features": all but the head (SHOT)
+    im_epochs: int = 15  # epochs over the site's crops (SHOT's default)
+    im_lr: float = 1e-3  # Adam for "bn" (TENT), SGD with momentum 0.9 for "features" (SHOT's backbone lr)
+    im_diversity: float = 1.0  # weight of the entropy of the batch-mean prediction (0 = TENT's objective)
+    st_portions: tuple[float, ...] = (0.2, 0.35, 0.5)  # self-training: share of each predicted class kept, per round
+    # Reinhard colour matching of the site's crops to PBC's CIELAB statistics before everything else;
+    # applied by the experiment only (the runtime cannot apply a per-site colour transform yet).
+    colour_match: bool = False
+
+    @property
+    def uses_unlabelled_training(self) -> bool:
+        """Trains on unlabelled site crops, so it has something to do with no labels at all."""
+        return self.unsupervised != "none"
 
 
 # ------------------------------------------------------------------------------------------ weights
@@ -171,7 +187,11 @@ def fine_tune(model: BaselineCNN, crops_bgr: np.ndarray, labels: np.ndarray, met
 def adapt_model(model: BaselineCNN, meta: ModelMetadata, unlabelled_bgr: np.ndarray, labelled_bgr: np.ndarray,
                 labels: np.ndarray, cfg: AdaptConfig, replay: tuple[np.ndarray, np.ndarray] | None = None,
                 log=print) -> BaselineCNN:
-    """BatchNorm re-estimation on every site crop (labelled ones too), then fine-tuning on the labels."""
+    """BatchNorm re-estimation on every site crop (labelled ones too), then, if ``cfg.unsupervised``,
+    training on the unlabelled crops (engines/selftrain.py), then fine-tuning on the labels (self-training
+    fine-tunes on labels and pseudo-labels together). ``cfg.colour_match`` is the caller's job."""
+    if cfg.unsupervised not in ("none", "im", "selftrain"):
+        raise ValueError(f"unknown unsupervised method {cfg.unsupervised!r} (none, im or selftrain)")
     torch.set_num_threads(cfg.threads)
     if cfg.batchnorm:
         parts = [unlabelled_bgr, labelled_bgr]
@@ -182,7 +202,19 @@ def adapt_model(model: BaselineCNN, meta: ModelMetadata, unlabelled_bgr: np.ndar
             raise ValueError(f"batch-norm re-estimation needs at least 16 site crops, got {len(pool)}")
         reestimate_batchnorm(model, pool, meta)
         log(f"re-estimated batch-norm statistics on {len(pool)} site crops")
-    fine_tune(model, labelled_bgr, labels, meta, cfg, replay if cfg.replay else None, log)
+    replay = replay if cfg.replay else None
+    if cfg.unsupervised == "selftrain":
+        from engines.selftrain import self_train
+
+        self_train(model, unlabelled_bgr, labelled_bgr, labels, meta, cfg, replay, log)
+        return model
+    if cfg.unsupervised == "im":
+        from engines.selftrain import information_maximisation, without_labelled
+
+        site = [c for c in (without_labelled(unlabelled_bgr, labelled_bgr), labelled_bgr) if len(c)]
+        if site:
+            information_maximisation(model, np.concatenate(site), meta, cfg, replay, log)
+    fine_tune(model, labelled_bgr, labels, meta, cfg, replay, log)
     return model
 
 
@@ -239,7 +271,34 @@ METHODS: dict[str, AdaptConfig] = {
     "all+replay": AdaptConfig(batchnorm=False, layers="all", replay=True),
     "bn+all+replay": AdaptConfig(batchnorm=True, layers="all", replay=True),
     "mixbn+all+replay": AdaptConfig(batchnorm=True, layers="all", replay=True, mixed_batchnorm=True),
+    # Unsupervised (engines/selftrain.py, docs/adapt-unsupervised.json); literature defaults, fixed up front.
+    "bn+tent": AdaptConfig(batchnorm=True, layers="none", unsupervised="im", im_diversity=0.0),
+    "bn+im": AdaptConfig(batchnorm=True, layers="none", unsupervised="im"),
+    "bn+im+replay": AdaptConfig(batchnorm=True, layers="none", unsupervised="im", replay=True),
+    "bn+shot": AdaptConfig(batchnorm=True, layers="none", unsupervised="im", im_params="features"),
+    "bn+shot+replay": AdaptConfig(batchnorm=True, layers="none", unsupervised="im", im_params="features",
+                                  replay=True),
+    "bn+st+replay": AdaptConfig(batchnorm=True, layers="all", unsupervised="selftrain", replay=True),
+    "colour+bn": AdaptConfig(batchnorm=True, layers="none", colour_match=True),
+    # ... followed by the labelled fine-tuning of "bn+all+replay" (self-training takes labels itself).
+    "bn+im+all+replay": AdaptConfig(batchnorm=True, layers="all", unsupervised="im", replay=True),
+    "bn+shot+all+replay": AdaptConfig(batchnorm=True, layers="all", unsupervised="im", im_params="features",
+                                      replay=True),
+    "colour+bn+all+replay": AdaptConfig(batchnorm=True, layers="all", replay=True, colour_match=True),
 }
+
+
+def _shares(pred: np.ndarray, k: int) -> list[float]:
+    """How the test cells were spread over the classes (a collapse into one class shows here)."""
+    return [round(float(v), 3) for v in np.bincount(pred, minlength=k) / max(1, len(pred))]
+
+
+def runs_at(cfg: AdaptConfig, n_labels: int) -> bool:
+    """Whether the experiment measures ``cfg`` with ``n_labels`` labelled cells: methods that fine-tune on
+    labels need some, methods that do not cannot use them; training on unlabelled crops works at 0."""
+    if n_labels == 0:
+        return cfg.layers == "none" or cfg.uses_unlabelled_training
+    return cfg.layers != "none"
 
 
 def replay_set(pbc_root: Path, classes: list[str], per_class: int, size: int, seed: int = 0
@@ -263,8 +322,10 @@ def experiment(model_onnx: Path, shots: tuple[int, ...], seeds: int, methods: li
                epochs: int, log=print) -> dict:
     """For each wbc-shift domain: half the cells are a fixed test set, the other half the site's pool
     (all of it unlabelled for batch norm; n of it labelled). Balanced accuracy over the classes present,
-    mean ± sd over seeds; PBC test balanced accuracy of the adapted model next to it."""
-    from engines import evaluate, ood, pbc
+    mean ± sd over seeds; PBC test balanced accuracy of the adapted model next to it. ``pool_balanced_accuracy``
+    is measured on the pool's unlabelled cells (those the method adapted on, transductively): the figure
+    to choose between methods by, so that the test half is never used to choose."""
+    from engines import colourmatch, evaluate, ood, pbc
 
     root = ood.data_dir(None)
     base, meta = load_weights(model_onnx)
@@ -277,7 +338,8 @@ def experiment(model_onnx: Path, shots: tuple[int, ...], seeds: int, methods: li
 
     report: dict = {"model": str(model_onnx), "scales": {d: s["um_per_px"] for d, s in scales.items()},
                     "epochs": epochs, "seeds": seeds, "methods": {m: asdict(METHODS[m]) for m in methods},
-                    "domains": {}}
+                    "threads": torch.get_num_threads(), "domains": {}}
+    replay_stats = colourmatch.lab_stats(replay[0])
     for domain in ood.DOMAINS:
         chosen = [c for c in cells if c.domain == domain]
         labels = np.array([meta.classes.index(c.label) for c in chosen])
@@ -286,39 +348,49 @@ def experiment(model_onnx: Path, shots: tuple[int, ...], seeds: int, methods: li
         split_rng = np.random.default_rng(12345)
         order = split_rng.permutation(len(chosen))
         test, pool = order[: len(order) // 2], order[len(order) // 2:]
+        # A fixed per-site colour transform, fitted on the pool's crops only, applied to every crop of the site.
+        matched = colourmatch.match(crops, colourmatch.lab_stats(crops[pool]), replay_stats)
         rows = report["domains"].setdefault(domain, {"n_test": len(test), "n_pool": len(pool), "results": []})
         for n in shots:
             if n > len(pool):
                 log(f"{domain}: skip n={n} (only {len(pool)} cells in the pool)")
                 continue
             for method in methods:
-                if n == 0 and METHODS[method].layers != "none":
+                if not runs_at(METHODS[method], n):
                     continue
-                if n > 0 and METHODS[method].layers == "none":
-                    continue
+                site_crops = matched if METHODS[method].colour_match else crops
                 runs = []
-                for seed in range(seeds if n else 1):
+                for seed in range(seeds if n or METHODS[method].uses_unlabelled_training else 1):
                     began = time.time()
                     rng = np.random.default_rng([seed, n])
                     chosen_idx = _draw_labelled(labels, pool, n, rng)
                     model = copy.deepcopy(base)
                     cfg = AdaptConfig(**{**asdict(METHODS[method]), "seed": seed, "epochs": epochs})
-                    adapt_model(model, meta, crops[pool], crops[chosen_idx], labels[chosen_idx], cfg, replay,
-                                log=lambda *_: None)
-                    probs = predict_probs(model, crops[test], meta)
+                    adapt_model(model, meta, site_crops[pool], site_crops[chosen_idx], labels[chosen_idx], cfg,
+                                replay, log=lambda *_: None)
+                    seconds = time.time() - began
+                    probs = predict_probs(model, site_crops[test], meta)
                     site = evaluate.classification_metrics(probs.argmax(1), labels[test], meta.classes)
+                    unlabelled = np.setdiff1d(pool, chosen_idx)
+                    pool_probs = predict_probs(model, site_crops[unlabelled], meta)
+                    pool_metrics = evaluate.classification_metrics(pool_probs.argmax(1), labels[unlabelled],
+                                                                   meta.classes)
                     pbc_probs = predict_probs(model, pbc_images, meta)
                     pbc_metrics = evaluate.classification_metrics(pbc_probs.argmax(1), pbc_labels, meta.classes)
                     runs.append({"seed": seed, "balanced_accuracy": site["balanced_accuracy"],
                                  "ece": evaluate.expected_calibration_error(probs, labels[test]),
+                                 "pool_balanced_accuracy": pool_metrics["balanced_accuracy"],
                                  "pbc_balanced_accuracy": pbc_metrics["balanced_accuracy"],
-                                 "seconds": time.time() - began})
+                                 "predicted_share": _shares(probs.argmax(1), len(meta.classes)),
+                                 "seconds": seconds})
                 summary = {k: (float(np.mean([r[k] for r in runs])), float(np.std([r[k] for r in runs])))
-                           for k in ("balanced_accuracy", "ece", "pbc_balanced_accuracy")}
+                           for k in ("balanced_accuracy", "ece", "pool_balanced_accuracy", "pbc_balanced_accuracy",
+                                     "seconds")}
                 rows["results"].append({"n_labels": n, "method": method, "runs": runs, "mean_sd": summary})
                 log(f"{domain} n={n:3d} {method:8s} bal_acc {summary['balanced_accuracy'][0]:.3f}"
                     f"±{summary['balanced_accuracy'][1]:.3f} ece {summary['ece'][0]:.3f} "
-                    f"pbc {summary['pbc_balanced_accuracy'][0]:.3f} ({runs[-1]['seconds']:.0f}s/run)")
+                    f"pool {summary['pool_balanced_accuracy'][0]:.3f} "
+                    f"pbc {summary['pbc_balanced_accuracy'][0]:.3f} ({summary['seconds'][0]:.0f}s/run)")
                 if out:
                     pbc.atomic_write_json(out, report)
     return report

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.drift import Reference, features
+from edge.drift import DomainAlarm, Reference, features
 from edge.fileutil import atomic_write_bytes
 from edge.modelmeta import ModelMetadata
 from edge.onnx_backend import OnnxRuntimeClassifier
@@ -69,9 +69,37 @@ def cross_validate(base: BaselineCNN, meta: ModelMetadata, replay: tuple[np.ndar
             "site": _scores(site_probs, labels, meta.classes)}
 
 
+def alarm_self_check(labels: np.ndarray, values: dict[str, np.ndarray], ordered: bool = False, streams: int = 20,
+                     seed: int = 0) -> dict:
+    """How often the alarm fires on this site's own cells: reference from one half, the other half
+    streamed through the alarm in random orders, and the other way round. Random halves
+    (``ordered=False``) measure the false-alarm share that comes from the reference's size; the first
+    against the second half of the recording (``ordered=True``, cells in frame order) shows whether the
+    site itself drifted while it was recorded (a new slide, stain batch or lamp setting)."""
+    rng = np.random.default_rng(seed)
+    order = np.arange(len(labels)) if ordered else rng.permutation(len(labels))
+    halves = (order[: len(order) // 2], order[len(order) // 2:]) if ordered else (order[0::2], order[1::2])
+    checks = alarms = 0
+    for held, fit in (halves, halves[::-1]):
+        try:
+            reference = Reference.from_json(Reference.from_samples({k: v[fit] for k, v in values.items()},
+                                                                   labels[fit]).to_json())
+        except ValueError:  # too few cells per class in half of them to say anything
+            return {"checks": 0, "alarm_share": None}
+        for _ in range(streams):
+            alarm = DomainAlarm(reference)
+            for index in rng.permutation(held):
+                alarm.update([str(labels[index])], {k: v[index:index + 1] for k, v in values.items()})
+                if alarm.cells >= alarm.min_cells:
+                    checks += 1
+                    alarms += alarm.active
+    return {"checks": checks, "alarm_share": round(alarms / checks, 4) if checks else None}
+
+
 def site_reference(model_path: Path, white_crops: np.ndarray) -> dict:
     """The domain alarm's reference for this site, measured by the site model on the site's white cells
-    (the alarm compares later cells with what this microscope looked like when the model was built)."""
+    (the alarm compares later cells with what this microscope looked like when the model was built),
+    with its false-alarm share on held-out halves of those cells."""
     classifier = OnnxRuntimeClassifier(model_path, threads=1)
     parts = [classifier.classify(white_crops[i:i + 256]) for i in range(0, len(white_crops), 256)]
     probs = np.concatenate([p.probs for p in parts])
@@ -80,8 +108,10 @@ def site_reference(model_path: Path, white_crops: np.ndarray) -> dict:
                       white_crops)
     reference = Reference.from_samples(values, labels)
     return {**reference.to_json(), "model_sha256": classifier.sha256,
-            "data": f"{len(white_crops)} white cells from this site's frames and reviews", "classes":
-            sorted(reference.counts)}
+            "data": f"{len(white_crops)} white cells found in this site's recorded frames",
+            "classes": sorted(reference.counts),
+            "self_check": {"random_halves": alarm_self_check(labels, values),
+                           "recording_halves": alarm_self_check(labels, values, ordered=True)}}
 
 
 def build_site_model(base_onnx: Path, out: Path, name: str, unlabelled: np.ndarray, white: np.ndarray,
@@ -124,6 +154,7 @@ def build_site_model(base_onnx: Path, out: Path, name: str, unlabelled: np.ndarr
         "method": asdict(cfg),
         "cross_validation": validation,
         "reference_classes": reference["classes"],
+        "alarm_self_check": reference["self_check"],
         "seconds": round(time.time() - began, 1),
     }
     from engines.pbc import atomic_write_json, atomic_write_text
@@ -131,6 +162,22 @@ def build_site_model(base_onnx: Path, out: Path, name: str, unlabelled: np.ndarr
     atomic_write_json(out / "card.json", card)
     atomic_write_text(out / "card.md", render_card(card))
     return card
+
+
+def _self_check_lines(check: dict, white: int) -> list[str]:
+    random, ordered = check["random_halves"], check["recording_halves"]
+    if not random["checks"]:
+        return [f"- Not measured: {white} white cells are too few to split into a reference and a held-out half."]
+    lines = [f"- Random halves of the site's {white} white cells, one as reference, the other streamed past it "
+             f"(both ways): alarm on in {100 * random['alarm_share']:.1f}% of {random['checks']} checks "
+             "(false alarms from the reference's size; should be near 0)."]
+    if ordered["checks"]:
+        share = 100 * ordered["alarm_share"]
+        lines.append(f"- First against second half of the recording: alarm on in {share:.1f}% of {ordered['checks']} "
+                     "checks" + (" (the site was stable while recorded)." if share <= 1 else
+                                 ": the site's cells changed while it was recorded (slide, stain batch, lamp); the "
+                                 "reference covers both, but expect the alarm if later slides move further."))
+    return lines
 
 
 def render_card(card: dict) -> str:
@@ -156,6 +203,9 @@ def render_card(card: dict) -> str:
         f"from {data.get('frames', 0)} frames.",
         f"- PBC training crops mixed into fine-tuning: {data['pbc_replay_crops']}.",
         f"- Skipped inputs: {json.dumps(data.get('skipped', {}))}.",
+        "",
+        "## Domain alarm on this site's own cells",
+        *_self_check_lines(card["alarm_self_check"], data["white_cells_for_reference"]),
         "",
         "## Method",
         f"- Batch-norm statistics re-estimated on the site's crops: {method['batchnorm']}; fine-tuned layers: "

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import sys
+
+# Chosen from the measurements in docs/robustness.md ("Adaptation"); recorded in the site model's card.
+DEFAULT_METHOD = "bn+all+replay"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,7 +44,7 @@ def main(args: argparse.Namespace) -> int:
     from edge.sitedata import crops_from_frames, read_reviews
 
     try:
-        from engines.adapt import AdaptConfig
+        from engines.adapt import METHODS
         from engines.site_model import build_site_model
     except ImportError as exc:
         raise CytoedgeError(f"cytoedge adapt needs the training extra ({exc.name} is missing): "
@@ -63,8 +68,10 @@ def main(args: argparse.Namespace) -> int:
           f"{len(unlabelled.kinds)} crops from {unlabelled.frames} frame(s)"
           + (f"; skipped {dict(reviewed.skipped + unlabelled.skipped)}" if reviewed.skipped or unlabelled.skipped
              else ""))
+    # The alarm sees the finder's white cells, each once, cut from full frames: so does its reference.
+    # (Reviewed crops are those same cells again, JPEG-compressed, and include platelets.)
     white = [c for c, kind in zip(unlabelled.crops, unlabelled.kinds, strict=True) if kind == "wbc"]
-    white_crops = np.concatenate([np.stack(white) if white else unlabelled.crops[:0], reviewed.crops])
+    white_crops = np.stack(white) if white else unlabelled.crops[:0]
     pool = np.concatenate([unlabelled.crops, reviewed.crops])
     if len(pool) < 16 or len(white_crops) < 10:
         raise CytoedgeError(f"too few cells to adapt: {len(pool)} crops, {len(white_crops)} white cells "
@@ -72,7 +79,7 @@ def main(args: argparse.Namespace) -> int:
     provenance = {"sessions": reviewed.sessions, "frames": unlabelled.frames, "reviews": list(args.reviews),
                   "frame_sources": list(args.frames), "um_per_px": config["microscope"]["um_per_px"],
                   "skipped": dict(reviewed.skipped + unlabelled.skipped)}
-    settings = AdaptConfig(epochs=args.epochs, seed=args.seed, threads=args.threads)
+    settings = dataclasses.replace(METHODS[DEFAULT_METHOD], epochs=args.epochs, seed=args.seed, threads=args.threads)
     store.root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".adapt-", dir=store.root) as temp:
         try:
@@ -85,6 +92,15 @@ def main(args: argparse.Namespace) -> int:
     if cv:
         print(f"cross-validated on {cv['site']['n']} labelled cells: balanced accuracy base "
               f"{100 * cv['base']['balanced_accuracy']:.1f}% -> site {100 * cv['site']['balanced_accuracy']:.1f}%")
+    random, ordered = card["alarm_self_check"]["random_halves"], card["alarm_self_check"]["recording_halves"]
+    if random["checks"] and random["alarm_share"] > 0.01:
+        print(f"warning: the domain alarm fired in {100 * random['alarm_share']:.1f}% of checks on this site's own "
+              "held-out cells: too few white cells for a steady reference; record more frames and adapt again",
+              file=sys.stderr)
+    if ordered["checks"] and ordered["alarm_share"] > 0.01:
+        print(f"note: the site's cells changed while recorded (alarm in {100 * ordered['alarm_share']:.1f}% of checks, "
+              "first half against second); the reference covers both, later changes will raise the alarm",
+              file=sys.stderr)
     print(f"site model {name} written to {target} (sha256 {card['sha256'][:12]}); NOT active.")
     print(f"activate: cytoedge models use {name} --store {store.root}   then: systemctl reload cytoedge")
     return 0
