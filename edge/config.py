@@ -127,6 +127,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "enabled": Rule(bool, "true or false"),
         "window": Rule(int, "an integer from 10 to 10000", lambda v: 10 <= v <= 10_000),
         "alpha": Rule(NUMBER, "a probability between 0 and 0.5", lambda v: 0 < v < 0.5),
+        "flag_until_checked": Rule(bool, "true or false"),
     },
     "publish": {
         "endpoint": Rule(str, "a ZeroMQ endpoint such as 'tcp://127.0.0.1:5555'", _endpoint),

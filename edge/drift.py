@@ -143,13 +143,15 @@ class DomainAlarm:
     """Rolling-window drift test. ``alpha`` is the per-check false-alarm level (Bonferroni over the
     features); the alarm clears only when every feature is back under the critical distance at
     ``clear_alpha`` (a looser level), so it does not flicker at the boundary. Cells whose predicted
-    class has no reference are compared with the whole reference."""
+    class has no reference are compared with the whole reference. Until ``min_cells`` white cells have
+    been seen there is no verdict, and (``flag_until_checked``) every cell goes to review meanwhile."""
 
     reference: Reference
     window: int = 60
     min_cells: int = 30
     alpha: float = 1e-4
     clear_alpha: float = 0.05
+    flag_until_checked: bool = True  # the first cells, before any verdict, go to review too
     active: bool = False
     last_distances: dict[str, float] = field(default_factory=dict)
     _recent: deque[tuple[str, dict[str, float]]] = field(default_factory=deque)
@@ -160,6 +162,17 @@ class DomainAlarm:
     @property
     def cells(self) -> int:
         return len(self._recent)
+
+    @property
+    def checked(self) -> bool:
+        """Whether enough cells have been seen for a verdict (before that, a foreign microscope's first
+        cells would pass unflagged: the alarm cannot fire on fewer than ``min_cells``)."""
+        return len(self._recent) >= self.min_cells
+
+    @property
+    def flags_cells(self) -> bool:
+        """Whether the service must send every cell to review now."""
+        return self.active or (self.flag_until_checked and not self.checked)
 
     def update(self, labels: list[str], values: dict[str, np.ndarray]) -> bool:
         """Add one frame's cells (predicted labels and their features); returns whether the alarm is on."""

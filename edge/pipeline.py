@@ -259,6 +259,7 @@ class Pipeline:
                 "model": self.classifier.model_id,
                 "frame_size": [int(frame.image.shape[1]), int(frame.image.shape[0])],
                 "domain_alarm": alarm_on,
+                "domain_checked": self.alarm is None or self.alarm.checked,
                 "cells": cells,
                 "latency_ms": {
                     "queue": round(queue_ms, 3),
@@ -306,7 +307,7 @@ class Pipeline:
                     "ON" if self.alarm.active else "cleared",
                     ", ".join(f"{k} {v:.2f}" for k, v in self.alarm.last_distances.items()),
                 )
-        if self.alarm.active:
+        if self.alarm.flags_cells:
             for cell in cells:
                 if cell["label"] is not None:
                     cell["review"] = True

@@ -39,7 +39,8 @@ def build_alarm(classifier: Classifier, config: Config) -> DomainAlarm | None:
     if reference is None:
         log.warning("domain alarm off: model %s has no in-domain reference", classifier.model_id)
         return None
-    return DomainAlarm(reference, window=drift["window"], min_cells=min(30, drift["window"]), alpha=drift["alpha"])
+    return DomainAlarm(reference, window=drift["window"], min_cells=min(30, drift["window"]), alpha=drift["alpha"],
+                       flag_until_checked=drift["flag_until_checked"])
 
 
 def build_pipeline(

@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -21,7 +22,12 @@ import numpy as np
 
 from edge.classifier import preprocess, scores_from_outputs, softmax
 from edge.modelmeta import ModelMetadata, file_sha256
-from engines import pbc
+from engines import ood_card, pbc
+
+# The adaptation curve the card reports: no adaptation, batch norm only (no labels), and what
+# `cytoedge adapt` does by default (edge/commands/adapt.py), at the label counts a site would have.
+ADAPT_SHOTS = (0, 20, 50, 100)
+ADAPT_METHODS = ("none", "bn", "bn+all+replay")
 
 ECE_BINS = 15
 EXCLUDE_FRACTIONS = (0.05, 0.10, 0.20)
@@ -345,12 +351,14 @@ def render_card_md(card: dict) -> str:
     for name in model["classes"]:
         lines.append(f"| {name} | {ev['support'][name]} | {_pct(ev['per_class_recall'][name])} "
                      f"| {ev['per_class_f1'][name]:.4f} |")
+    if card.get("out_of_domain"):
+        lines += ["", ood_card.render_section(card["out_of_domain"], card.get("adaptation"))]
     lines += ["", "## Limitations", *[f"- {item}" for item in card["limitations"]], ""]
     return "\n".join(lines)
 
 
 def write_card(out: Path, onnx_path: Path, report: dict, training: dict, split_summary: dict,
-               summary: str | None = None) -> dict:
+               summary: str | None = None, keep: dict | None = None) -> dict:
     """Write card.json (machine-readable) and card.md (rendered from it), both atomically."""
     card = {
         "format": "cytoedge-card/1",
@@ -372,6 +380,7 @@ def write_card(out: Path, onnx_path: Path, report: dict, training: dict, split_s
         "training": training,
         "evaluation": report,
         "limitations": LIMITATIONS,
+        **(keep or {}),  # out-of-domain figures measured on this same file survive a refresh
     }
     out = Path(out)
     pbc.atomic_write_json(out / "card.json", card)
@@ -393,21 +402,65 @@ def test_split(model_dir: Path, data: Path | None) -> tuple[Path, np.ndarray, np
     return onnx_path, images, labels
 
 
+def out_of_domain(model_dir: Path, onnx_path: Path, data: str | None, adapt: bool, seeds: int, threads: int,
+                  write: bool) -> int:
+    """wbc-shift figures (and, with ``adapt``, the 0/20/50/100-label adaptation curve) for this model."""
+    from engines import ood, ood_card
+
+    root = ood.data_dir(None)
+    if not (root / "manifest.csv").is_file():
+        print(f"out of domain: skipped, no wbc-shift data at {root} (set CYTOEDGE_WBC_SHIFT)", file=sys.stderr)
+        return 2
+    pbc_root = pbc.data_dir(data)
+    report = ood.evaluate_model(onnx_path, root, pbc_root if (pbc_root / "manifest.csv").is_file() else None)
+    adaptation = None
+    if adapt:
+        from engines import adapt as adapting
+
+        if not onnx_path.with_name(adapting.WEIGHTS_FILE).is_file():
+            print(f"adaptation: skipped, {onnx_path.parent} ships no {adapting.WEIGHTS_FILE}", file=sys.stderr)
+        else:
+            import torch
+
+            torch.set_num_threads(threads)
+            adaptation = adapting.experiment(onnx_path, shots=ADAPT_SHOTS, seeds=seeds, methods=list(ADAPT_METHODS),
+                                             out=None, epochs=adapting.AdaptConfig.epochs)
+    if write:
+        ood_card.update_card(model_dir, report, adaptation)
+        print(f"wrote the out-of-domain figures into {model_dir / 'card.json'} and {model_dir / 'card.md'}")
+    else:
+        print(json.dumps({"out_of_domain": ood_card.summarise(report), "adaptation": adaptation}, indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engines.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("model_dir", type=Path, help="folder with model.onnx (and card.json to refresh)")
     parser.add_argument("--data", default=None, help="PBC folder (default $CYTOEDGE_PBC or ../shared/data/pbc)")
     parser.add_argument("--timing-repeats", type=int, default=20)
     parser.add_argument("--write", action="store_true", help="refresh the figures in card.json and card.md")
+    parser.add_argument("--ood", action="store_true",
+                        help="also measure on other microscopes (wbc-shift, $CYTOEDGE_WBC_SHIFT) with the domain alarm")
+    parser.add_argument("--adapt", action="store_true",
+                        help="with --ood: also the site-adaptation curve (0/20/50/100 labels; needs weights.pt)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per adaptation setting")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for adaptation")
+    parser.add_argument("--ood-only", action="store_true",
+                        help="skip the PBC test-split card refresh (for cards written by another engine)")
     args = parser.parse_args(argv)
-    onnx_path, images, labels = test_split(args.model_dir, args.data)
-    report = evaluate_onnx(onnx_path, images, labels, timing_repeats=args.timing_repeats)
-    print(summary_line(report))
-    if args.write:
-        card = json.loads((args.model_dir / "card.json").read_text())
-        write_card(args.model_dir, onnx_path, report, card["training"], card["split"], card.get("summary"))
-    else:
-        print(json.dumps({k: v for k, v in report.items() if k != "confusion"}, indent=2))
+    onnx_path = args.model_dir / "model.onnx"
+    if not args.ood_only:
+        onnx_path, images, labels = test_split(args.model_dir, args.data)
+        report = evaluate_onnx(onnx_path, images, labels, timing_repeats=args.timing_repeats)
+        print(summary_line(report))
+        if args.write:
+            card = json.loads((args.model_dir / "card.json").read_text())
+            write_card(args.model_dir, onnx_path, report, card["training"], card["split"], card.get("summary"),
+                       keep={k: card[k] for k in ("out_of_domain", "adaptation") if k in card})
+        else:
+            print(json.dumps({k: v for k, v in report.items() if k != "confusion"}, indent=2))
+    if args.ood or args.ood_only:
+        return out_of_domain(args.model_dir, onnx_path, args.data, args.adapt, args.seeds, args.threads, args.write)
     return 0
 
 

@@ -25,8 +25,9 @@ import cv2
 import numpy as np
 
 from edge.cellfinder import background_colour, cut_crops
+from edge.drift import load_reference
 from edge.onnx_backend import OnnxRuntimeClassifier
-from engines import evaluate, pbc
+from engines import evaluate, ood_card, pbc
 
 DOMAINS = ("tecom", "cellavision-blog")
 # The runtime's default review rule (edge/defaults.toml [review]).
@@ -158,6 +159,15 @@ def score(model: OnnxRuntimeClassifier, crops: np.ndarray, labels: np.ndarray) -
     }
 
 
+def alarm(model: OnnxRuntimeClassifier, crops: np.ndarray) -> dict | None:
+    """The service's domain alarm over these cells (see ood_card.alarm_stream), with the model's reference."""
+    reference = load_reference(model.path, model.metadata.reference, model.sha256)
+    pred = model.classify(crops)
+    labels = [model.metadata.classes[i] for i in pred.probs.argmax(1)]
+    review = (pred.uncertainty > REVIEW_UNCERTAINTY) | (pred.anomaly > REVIEW_ANOMALY)
+    return ood_card.alarm_stream(reference, labels, pred.anomaly, pred.uncertainty, crops, review)
+
+
 def pbc_test(model: OnnxRuntimeClassifier, model_path: Path, pbc_root: Path | None) -> dict | None:
     """In-domain figures on the shared PBC test split: all classes, and only the five white classes."""
     if pbc_root is None or not (pbc_root / "manifest.csv").is_file():
@@ -169,6 +179,7 @@ def pbc_test(model: OnnxRuntimeClassifier, model_path: Path, pbc_root: Path | No
     mask = np.isin(labels, white)
     five = score(model, images[mask], labels[mask])
     result["white_five"] = {k: five[k] for k in ("n", "balanced_accuracy", "ece", "review_share")}
+    result["white_five"]["alarm"] = alarm(model, images[mask])
     return result
 
 
@@ -192,6 +203,7 @@ def evaluate_model(model_path: Path, root: Path, pbc_root: Path | None,
         crops = np.stack([cut_field(im, um, meta.field_um, meta.input_size) for im in images])
         result = score(model, crops, labels)
         result["um_per_px"] = um
+        result["alarm"] = alarm(model, crops)
         result["sensitivity"] = {}
         for factor in SENSITIVITY:
             other = np.stack([cut_field(im, um * factor, meta.field_um, meta.input_size) for im in images])

@@ -122,8 +122,8 @@ def test_site_model_from_reviewed_cells_clears_the_domain_alarm(bccd_dir: Path, 
     assert white >= 60  # enough for the alarm's window to have judged
     assert not alarm_raised(after), [m.get("warnings") for m in after if m["topic"] == TOPIC_STATUS][-1]
     # No longer is every cell flagged: a confident white cell goes to the differential unreviewed.
-    confident = [c for m in after if m["topic"] == TOPIC_CELLS for c in m["cells"] if c["kind"] == "wbc"
-                 and c["label"] != "platelet" and c["uncertainty"] < 0.5 and c["anomaly"] < 0.5]
+    confident = [c for m in after if m["topic"] == TOPIC_CELLS and m["domain_checked"] for c in m["cells"]
+                 if c["kind"] == "wbc" and c["label"] != "platelet" and c["uncertainty"] < 0.5 and c["anomaly"] < 0.5]
     assert confident and not any(c["review"] for c in confident)
 
     # 5. Rolled back: the default model is back.

@@ -51,6 +51,17 @@ def test_shifted_cells_raise_the_alarm_and_it_clears_when_they_go() -> None:
     assert not alarm.active
 
 
+def test_every_cell_is_flagged_until_the_alarm_has_enough_cells_for_a_verdict() -> None:
+    rng = np.random.default_rng(3)
+    alarm = DomainAlarm(normal_reference(rng), window=60, min_cells=30)
+    quiet = DomainAlarm(normal_reference(rng), window=60, min_cells=30, flag_until_checked=False)
+    for step in range(40):  # in-domain cells: no alarm, but no verdict for the first 29 either
+        for each in (alarm, quiet):
+            each.update(["a"], {"anomaly": rng.normal(0, 1, 1)})
+        assert alarm.flags_cells == (step + 1 < 30) and not alarm.active
+        assert not quiet.flags_cells
+
+
 def replay_and_watch(folder: Path, endpoint: str, um_per_px: float, tmp_path: Path, *extra: str) -> list[dict]:
     config = tmp_path / "c.toml"
     config.write_text(f"[microscope]\num_per_px = {um_per_px}\n")
@@ -99,8 +110,11 @@ def test_bccd_frames_from_another_microscope_raise_the_alarm_and_flag_every_cell
     cells = [m for m in messages if m["topic"] == TOPIC_CELLS]
     statuses = [m for m in messages if m["topic"] == TOPIC_STATUS]
     assert cells and cells[-1]["domain_alarm"] is True
-    alarmed = [m for m in cells if m["domain_alarm"]]
-    assert all(c["review"] for m in alarmed for c in m["cells"] if c["label"] is not None)
+    # No frame passes unflagged: before the verdict every cell is flagged, after it the alarm flags them.
+    assert not cells[0]["domain_checked"] and cells[-1]["domain_checked"]
+    assert all(c["review"] for m in cells if m["domain_alarm"] or not m["domain_checked"] for c in m["cells"]
+               if c["label"] is not None)
+    assert all(m["domain_alarm"] or not m["domain_checked"] for m in cells)
     assert any(ALARM_TEXT in s["warnings"] for s in statuses)
 
 
@@ -118,6 +132,9 @@ def test_pbc_cells_at_their_own_scale_do_not_raise_the_alarm(pbc_dir: Path, endp
     assert len(cells) == 80 and white >= 60, (len(cells), white)
     assert not any(m["domain_alarm"] for m in cells)
     assert not any(ALARM_TEXT in m.get("warnings", []) for m in messages)
+    checked = [m for m in cells if m["domain_checked"]]
+    white_reviewed = sum(c["review"] for m in checked for c in m["cells"] if c["kind"] == "wbc")
+    assert checked and white_reviewed <= 3, white_reviewed  # in domain, once checked: few white cells to review
 
 
 @pytest.mark.parametrize(("domain", "um_per_px"), [("tecom", 0.188), ("cellavision-blog", 0.099)])

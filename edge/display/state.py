@@ -237,6 +237,7 @@ class DisplayState:
         self.last_message_at: float | None = None
         self.status: dict[str, Any] | None = None
         self.domain_alarm = False
+        self.domain_checked = True
         self.run: str | None = None
         self.preview: dict[str, Any] | None = None
         self.preview_jpeg: bytes | None = None
@@ -309,6 +310,7 @@ class DisplayState:
                 records.append((_integer(cell["id"]), CellRecord(kind, label if kind != "rbc" else None)))
         # Checked the whole message before counting any of it: a bad cell skips the message, not half of it.
         self.domain_alarm = bool(payload.get("domain_alarm", False))
+        self.domain_checked = bool(payload.get("domain_checked", True))
         slide = self.slide
         if (run, frame_id) in slide.frames_seen:
             return  # the same frame twice (a re-sent message) is counted once
@@ -477,6 +479,7 @@ class DisplayState:
                 "queue_depth": status.get("queue_depth"),
                 "final": bool(status.get("final", False)),
                 "domain_alarm": self.domain_alarm,  # from the latest `cells`: shown on its own, not as a warning
+                "domain_checked": self.domain_checked,
                 "warnings": warnings,
                 "malformed": self.malformed + self.rejected_by_decoder,
                 "missed": self.missed,

@@ -139,7 +139,8 @@ function renderHealth(h) {
   $("h-dropped").textContent = h.dropped ?? "–";
   $("h-missed").textContent = String(h.missed);
   $("h-malformed").textContent = String(h.malformed);
-  $("h-domain-alarm").textContent = h.domain_alarm ? "ON: all to review" : "off";
+  $("h-domain-alarm").textContent = h.domain_alarm ? "ON: all to review"
+    : (h.domain_checked === false ? "checking first cells: all to review" : "off");
   $("h-domain-alarm").classList.toggle("alarm", Boolean(h.domain_alarm));
   $("h-model").textContent = h.model ?? "–";
   $("h-run").textContent = h.run ?? "–";

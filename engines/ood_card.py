@@ -1,0 +1,145 @@
+"""Out-of-domain and adaptation figures in a model card, written by ``python -m engines.evaluate``.
+
+A lab deciding whether to trust a model at *its* microscope needs the in-domain figures and the
+foreign-microscope figures side by side, plus what adapting buys. Both land in ``card.json``
+(``out_of_domain``, ``adaptation``) and in a marked block of ``card.md``, so the block can be refreshed
+without touching the rest of a card written by another engine (baseline or student).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from edge.drift import DomainAlarm, Reference, features
+from engines import pbc
+
+BEGIN = "<!-- cytoedge:out-of-domain:begin -->"
+END = "<!-- cytoedge:out-of-domain:end -->"
+
+
+def alarm_stream(reference: Reference | None, labels: list[str], anomaly: np.ndarray, uncertainty: np.ndarray,
+                 crops: np.ndarray, review: np.ndarray, orders: int = 20, seed: int = 0) -> dict | None:
+    """The service's domain alarm over a domain's cells, one cell at a time in random orders: how many
+    cells pass before it comes on, and what share of cells is flagged once the alarm's flag is added to
+    the per-cell review rule (while the alarm is on, the service sends every cell to review)."""
+    if reference is None or not len(labels):
+        return None
+    values = features(anomaly, uncertainty, crops)
+    rng = np.random.default_rng(seed)
+    first_on: list[int] = []
+    flagged = total = 0
+    for _ in range(orders):
+        alarm = DomainAlarm(reference)
+        on_at = None
+        for step, index in enumerate(rng.permutation(len(labels))):
+            alarm.update([labels[index]], {k: v[index:index + 1] for k, v in values.items()})
+            if alarm.active and on_at is None:
+                on_at = step + 1
+            flagged += bool(alarm.active or review[index])
+            total += 1
+        first_on.append(on_at if on_at is not None else -1)
+    never = sum(1 for x in first_on if x < 0)
+    fired = [x for x in first_on if x > 0]
+    return {"orders": orders, "window": DomainAlarm(reference).window, "never_on": never,
+            "cells_before_on_median": float(np.median(fired)) if fired else None,
+            "cells_before_on_max": int(max(fired)) if fired else None,
+            "flagged_share_with_alarm": round(flagged / total, 4)}
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.1f}%"
+
+
+def _alarm_cells(alarm: dict | None) -> tuple[str, str]:
+    if alarm is None:
+        return "no reference", "—"
+    if alarm["cells_before_on_median"] is None:
+        return _pct(alarm["flagged_share_with_alarm"]), "never on"
+    return (_pct(alarm["flagged_share_with_alarm"]),
+            f"{alarm['cells_before_on_median']:.0f} (max {alarm['cells_before_on_max']}; never in "
+            f"{alarm['never_on']}/{alarm['orders']})")
+
+
+def _adaptation_rows(adaptation: dict) -> list[str]:
+    rows = ["| domain | site labels | method | balanced accuracy (mean ± sd) | ECE | PBC balanced accuracy after |",
+            "|---|---|---|---|---|---|"]
+    for domain, block in adaptation["domains"].items():
+        for result in block["results"]:
+            summary = result["mean_sd"]
+            mean, sd = summary["balanced_accuracy"]
+            rows.append(f"| {domain} | {result['n_labels']} | {result['method']} | {100 * mean:.1f} ± {100 * sd:.1f}% "
+                        f"| {summary['ece'][0]:.3f} | {_pct(summary['pbc_balanced_accuracy'][0])} |")
+    return rows
+
+
+def render_section(ood: dict, adaptation: dict | None) -> str:
+    """Markdown for the card: per-domain figures next to PBC, the alarm, and the adaptation curve."""
+    lines = [BEGIN, "## Other microscopes (out of domain)", "",
+             "Measured by `python -m engines.evaluate MODEL_DIR --ood --write` on `wbc-shift` (white cells from two "
+             "other microscopes and stains, evaluation only; protocol in docs/robustness.md): scale matched by cell "
+             f"size, the model's field cut as the runtime cuts it, review rule {ood['review_rule']}.", "",
+             "| data | n | µm/px | balanced accuracy | ECE | mean confidence | sent to review | with the domain "
+             "alarm | cells before the alarm |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    pbc_test = ood.get("pbc_test")
+    if pbc_test:
+        white = pbc_test["white_five"]
+        lines.append(f"| PBC test, 8 classes (in domain) | {pbc_test['n']} | 0.25 "
+                     f"| {_pct(pbc_test['balanced_accuracy'])} "
+                     f"| {pbc_test['ece']:.3f} | {pbc_test['mean_confidence']:.2f} | {_pct(pbc_test['review_share'])} "
+                     "| — | — |")
+        with_alarm, before = _alarm_cells(white.get("alarm"))
+        lines.append(f"| PBC test, 5 white classes | {white['n']} | 0.25 | {_pct(white['balanced_accuracy'])} "
+                     f"| {white['ece']:.3f} | — | {_pct(white['review_share'])} | {with_alarm} | {before} |")
+    for domain, d in ood["domains"].items():
+        with_alarm, before = _alarm_cells(d.get("alarm"))
+        lines.append(f"| {domain} | {d['n']} | {d['um_per_px']:.3f} | {_pct(d['balanced_accuracy'])} | {d['ece']:.3f} "
+                     f"| {d['mean_confidence']:.2f} | {_pct(d['review_share'])} | {with_alarm} | {before} |")
+    lines += ["", "Balanced accuracy out of domain is the mean recall over the white classes present (tecom has one "
+              "basophil, cellavision-blog three). \"With the domain alarm\": share of cells flagged when the "
+              "service's alarm runs over the domain's cells in 20 random orders (every cell is flagged while it is "
+              "on); \"cells before the alarm\": median (max) cells seen before it came on.", ""]
+    for domain, d in ood["domains"].items():
+        recall = ", ".join(f"{c} {_pct(r)} ({d['support'][c]})" for c, r in d["per_class_recall"].items())
+        lines.append(f"- {domain}: recall per class (support): {recall}.")
+    if adaptation:
+        lines += ["", "### Adapting to a site (`cytoedge adapt`)", "",
+                  f"Each domain split once into a fixed test half and a pool half; n cells of the pool labelled as a "
+                  f"reviewer meets them, the whole pool unlabelled; {adaptation['epochs']} fine-tuning epochs; "
+                  f"{adaptation['seeds']} seeds (`python -m engines.evaluate --adapt`, method definitions in "
+                  "engines/adapt.py).", "", *_adaptation_rows(adaptation)]
+    lines += ["", END]
+    return "\n".join(lines)
+
+
+def summarise(ood: dict) -> dict:
+    """What card.json keeps of the OOD report (the full report, less per-scale repetition)."""
+    keep = ("n", "um_per_px", "balanced_accuracy", "per_class_recall", "support", "ece", "mean_confidence",
+            "review_share", "accuracy_not_reviewed", "predicted", "sensitivity", "alarm")
+    return {"model": ood["model"], "review_rule": ood["review_rule"], "scales": ood["scales"],
+            "domains": {d: {k: v for k, v in r.items() if k in keep} for d, r in ood["domains"].items()},
+            "pbc_test": ood.get("pbc_test")}
+
+
+def update_card(model_dir: Path, ood: dict, adaptation: dict | None) -> None:
+    """Put the OOD (and adaptation) figures into card.json and refresh the marked block of card.md."""
+    model_dir = Path(model_dir)
+    card_path = model_dir / "card.json"
+    card = json.loads(card_path.read_text(encoding="utf-8")) if card_path.is_file() else {}
+    card["out_of_domain"] = summarise(ood)
+    if adaptation is not None:
+        card["adaptation"] = {**adaptation, "model_id": ood["model"]}
+    elif card.get("adaptation", {}).get("model_id") != ood["model"]:
+        card.pop("adaptation", None)  # measured on another file: stale
+    pbc.atomic_write_json(card_path, card)
+    md_path = model_dir / "card.md"
+    text = md_path.read_text(encoding="utf-8") if md_path.is_file() else f"# Model card: {model_dir.name}\n"
+    section = render_section(card["out_of_domain"], card.get("adaptation"))
+    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
+    found = pattern.search(text)
+    text = pattern.sub(lambda _: section, text) if found else text.rstrip("\n") + "\n\n" + section + "\n"
+    pbc.atomic_write_text(md_path, text)
