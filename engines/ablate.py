@@ -26,7 +26,7 @@ from pathlib import Path
 from engines import baseline, ood, pbc
 from engines.augment import GROUPS, PIPELINES
 
-VARIANTS: tuple[str, ...] = ("basic", "robust", *(f"robust-no-{group}" for group in GROUPS))
+VARIANTS: tuple[str, ...] = ("basic", "robust", *(f"robust-no-{group}" for group in GROUPS), "strong", "strong-isolate")
 # A variant's figures are comparable only under the same protocol; a rerun must not mix budgets.
 PROTOCOL_KEYS = ("epochs", "seed", "preset", "threads")
 # tecom has 1 basophil and cellavision-blog 3: one cell moves the 5-class balanced accuracy by up to

@@ -310,6 +310,9 @@ def build(args: argparse.Namespace) -> int:
     meta = export.replace(meta, temperature=round(temperature, 4))
     export.write_metadata(onnx_path, meta)
     print(f"exported {onnx_path} ({onnx_path.stat().st_size / 1e6:.2f} MB), temperature {meta.temperature}")
+    from engines.adapt import WEIGHTS_FILE, save_weights
+
+    save_weights(model, out / WEIGHTS_FILE)  # what `cytoedge adapt` starts from
     # The command that rebuilds this model; --resume only skips finished epochs, so it is left out.
     command = " ".join(["python -m engines.baseline", *[a for a in sys.argv[1:] if a != "--resume"]])
     training = {

@@ -24,8 +24,9 @@ END = "<!-- cytoedge:out-of-domain:end -->"
 def alarm_stream(reference: Reference | None, labels: list[str], anomaly: np.ndarray, uncertainty: np.ndarray,
                  crops: np.ndarray, review: np.ndarray, orders: int = 20, seed: int = 0) -> dict | None:
     """The service's domain alarm over a domain's cells, one cell at a time in random orders: how many
-    cells pass before it comes on, and what share of cells is flagged once the alarm's flag is added to
-    the per-cell review rule (while the alarm is on, the service sends every cell to review)."""
+    cells pass before it comes on, and what share of cells is flagged once the alarm's flags are added to
+    the per-cell review rule (as in the service: every cell while the alarm is on, and every cell before
+    its first verdict, ``drift.flag_until_checked``)."""
     if reference is None or not len(labels):
         return None
     values = features(anomaly, uncertainty, crops)
@@ -39,7 +40,7 @@ def alarm_stream(reference: Reference | None, labels: list[str], anomaly: np.nda
             alarm.update([labels[index]], {k: v[index:index + 1] for k, v in values.items()})
             if alarm.active and on_at is None:
                 on_at = step + 1
-            flagged += bool(alarm.active or review[index])
+            flagged += bool(alarm.flags_cells or review[index])
             total += 1
         first_on.append(on_at if on_at is not None else -1)
     never = sum(1 for x in first_on if x < 0)
@@ -102,7 +103,8 @@ def render_section(ood: dict, adaptation: dict | None) -> str:
     lines += ["", "Balanced accuracy out of domain is the mean recall over the white classes present (tecom has one "
               "basophil, cellavision-blog three). \"With the domain alarm\": share of cells flagged when the "
               "service's alarm runs over the domain's cells in 20 random orders (every cell is flagged while it is "
-              "on); \"cells before the alarm\": median (max) cells seen before it came on.", ""]
+              "on, and each of the first 29 before its first verdict); \"cells before the alarm\": median (max) "
+              "cells seen before it came on.", ""]
     for domain, d in ood["domains"].items():
         recall = ", ".join(f"{c} {_pct(r)} ({d['support'][c]})" for c, r in d["per_class_recall"].items())
         lines.append(f"- {domain}: recall per class (support): {recall}.")

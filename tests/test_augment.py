@@ -143,11 +143,32 @@ def test_scale_jitter_stays_within_25_percent() -> None:
         assert 0.8**2 * 0.92 <= ratio <= 1.25**2 * 1.08
 
 
-def test_robust_pipeline_names_known_ops() -> None:
-    pipeline = augment.PIPELINES["robust"]
-    assert {s.op for s in pipeline.steps} == set(augment.OPS)
-    assert all(0 < s.p <= 1 for s in pipeline.steps)
-    assert "stain" in pipeline.describe()
+def test_every_pipeline_uses_only_known_ops_and_every_op_is_used() -> None:
+    used = {s.op for pipeline in augment.PIPELINES.values() for s in pipeline.steps}
+    assert used == set(augment.OPS)
+    assert all(0 < s.p <= 1 for pipeline in augment.PIPELINES.values() for s in pipeline.steps)
+    assert "stain" in augment.PIPELINES["robust"].describe()
+
+
+def test_strong_set_drops_the_sensor_ops_and_widens_colour() -> None:
+    strong = {s.op: s for s in augment.PIPELINES["strong"].steps}
+    assert not {"noise", "jpeg"} & set(strong) and strong["stain"].strength > 1
+    assert [s.op for s in augment.PIPELINES["strong-isolate"].steps if s.op != "isolate"] == list(strong)
+
+
+def test_isolate_keeps_the_centre_and_paints_the_edge_with_the_plasma_colour() -> None:
+    image = np.full((64, 64, 3), (200, 220, 250), np.uint8)  # plasma
+    image[:8, :8] = (120, 90, 160)  # a red cell in the corner
+    image[28:36, 28:36] = (120, 40, 60)  # the white cell's nucleus
+    out = augment.isolate(image, np.random.default_rng(0))
+    assert (out[28:36, 28:36] == image[28:36, 28:36]).all()
+    assert np.abs(out[:8, :8].astype(int) - (200, 220, 250)).max() <= 1
+
+
+def test_desaturate_moves_colour_towards_grey() -> None:
+    image = np.full((8, 8, 3), (40, 80, 200), np.uint8)
+    out = augment.desaturate(image, np.random.default_rng(0))
+    assert np.ptp(out[0, 0].astype(int)) < np.ptp(image[0, 0].astype(int))
 
 
 # ------------------------------------------------------------------------- the training-loop hook
