@@ -403,7 +403,7 @@ def test_split(model_dir: Path, data: Path | None) -> tuple[Path, np.ndarray, np
 
 
 def out_of_domain(model_dir: Path, onnx_path: Path, data: str | None, adapt: bool, seeds: int, threads: int,
-                  write: bool) -> int:
+                  write: bool, teacher: list[Path] | None = None) -> int:
     """wbc-shift figures (and, with ``adapt``, the 0/20/50/100-label adaptation curve) for this model."""
     from engines import ood, ood_card
 
@@ -425,8 +425,17 @@ def out_of_domain(model_dir: Path, onnx_path: Path, data: str | None, adapt: boo
             torch.set_num_threads(threads)
             adaptation = adapting.experiment(onnx_path, shots=ADAPT_SHOTS, seeds=seeds, methods=list(ADAPT_METHODS),
                                              out=None, epochs=adapting.AdaptConfig.epochs)
+    teacher_report = None
+    if teacher:
+        from engines import ood_teacher
+
+        out = model_dir / "teacher-ood.json"
+        argv = ["--teacher", str(teacher[0]), "--calib", str(teacher[1]), "--pbc-errors", str(teacher[2]),
+                "--models", str(onnx_path), "--out", str(out), "--threads", str(threads)]
+        if ood_teacher.main(argv) == 0:
+            teacher_report = json.loads(out.read_text())
     if write:
-        ood_card.update_card(model_dir, report, adaptation)
+        ood_card.update_card(model_dir, report, adaptation, teacher_report)
         print(f"wrote the out-of-domain figures into {model_dir / 'card.json'} and {model_dir / 'card.md'}")
     else:
         print(json.dumps({"out_of_domain": ood_card.summarise(report), "adaptation": adaptation}, indent=1))
@@ -445,6 +454,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --ood: also the site-adaptation curve (0/20/50/100 labels; needs weights.pt)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per adaptation setting")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for adaptation")
+    parser.add_argument("--teacher", type=Path, nargs=3, metavar=("TEACHER_PT", "CALIB_JSON", "PBC_ERRORS_NPZ"),
+                        default=None, help="with --ood, for a student: also score its diffusion teacher on the "
+                        "same cells (engines.ood_teacher)")
     parser.add_argument("--ood-only", action="store_true",
                         help="skip the PBC test-split card refresh (for cards written by another engine)")
     args = parser.parse_args(argv)
@@ -460,7 +472,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(json.dumps({k: v for k, v in report.items() if k != "confusion"}, indent=2))
     if args.ood or args.ood_only:
-        return out_of_domain(args.model_dir, onnx_path, args.data, args.adapt, args.seeds, args.threads, args.write)
+        return out_of_domain(args.model_dir, onnx_path, args.data, args.adapt, args.seeds, args.threads, args.write,
+                             args.teacher)
     return 0
 
 

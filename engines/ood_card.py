@@ -77,7 +77,23 @@ def _adaptation_rows(adaptation: dict) -> list[str]:
     return rows
 
 
-def render_section(ood: dict, adaptation: dict | None) -> str:
+def _teacher_rows(teacher: dict) -> list[str]:
+    rows = ["", "### The diffusion teacher on the same cells", "",
+            f"Scored with its own code (`python -m engines.ood_teacher`, K = {len(teacher['timesteps'])} timesteps, "
+            f"τ {teacher['tau']:.4g}, anomaly `{teacher['anomaly']}`), on the same crops; PBC from its test-split run.",
+            "", "| data | n | balanced accuracy | ECE | mean confidence | sent to review |",
+            "|---|---|---|---|---|---|"]
+    for name, d in (("PBC test, 8 classes", teacher["pbc_test"]), *teacher["domains"].items()):
+        rows.append(f"| {name} | {d['n']} | {_pct(d['balanced_accuracy'])} | {d['ece']:.3f} | "
+                    f"{d['mean_confidence']:.2f} | {_pct(d['review_share'])} |")
+    rows += ["", "Telling foreign white cells from PBC white cells by one score alone (AUROC; 0.5 = chance, "
+             "below 0.5 = the score is *lower* on foreign cells):", ""]
+    for domain, scores in teacher["separation_auroc"].items():
+        rows.append(f"- {domain}: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()) + ".")
+    return rows
+
+
+def render_section(ood: dict, adaptation: dict | None, teacher: dict | None = None) -> str:
     """Markdown for the card: per-domain figures next to PBC, the alarm, and the adaptation curve."""
     lines = [BEGIN, "## Other microscopes (out of domain)", "",
              "Measured by `python -m engines.evaluate MODEL_DIR --ood --write` on `wbc-shift` (white cells from two "
@@ -108,6 +124,8 @@ def render_section(ood: dict, adaptation: dict | None) -> str:
     for domain, d in ood["domains"].items():
         recall = ", ".join(f"{c} {_pct(r)} ({d['support'][c]})" for c, r in d["per_class_recall"].items())
         lines.append(f"- {domain}: recall per class (support): {recall}.")
+    if teacher:
+        lines += _teacher_rows(teacher)
     if adaptation:
         lines += ["", "### Adapting to a site (`cytoedge adapt`)", "",
                   f"Each domain split once into a fixed test half and a pool half; n cells of the pool labelled as a "
@@ -127,8 +145,9 @@ def summarise(ood: dict) -> dict:
             "pbc_test": ood.get("pbc_test")}
 
 
-def update_card(model_dir: Path, ood: dict, adaptation: dict | None) -> None:
-    """Put the OOD (and adaptation) figures into card.json and refresh the marked block of card.md."""
+def update_card(model_dir: Path, ood: dict, adaptation: dict | None, teacher: dict | None = None) -> None:
+    """Put the OOD (and adaptation, and for a student its teacher's) figures into card.json and refresh
+    the marked block of card.md."""
     model_dir = Path(model_dir)
     card_path = model_dir / "card.json"
     card = json.loads(card_path.read_text(encoding="utf-8")) if card_path.is_file() else {}
@@ -137,10 +156,12 @@ def update_card(model_dir: Path, ood: dict, adaptation: dict | None) -> None:
         card["adaptation"] = {**adaptation, "model_id": ood["model"]}
     elif card.get("adaptation", {}).get("model_id") != ood["model"]:
         card.pop("adaptation", None)  # measured on another file: stale
+    if teacher is not None:
+        card["teacher_out_of_domain"] = teacher
     pbc.atomic_write_json(card_path, card)
     md_path = model_dir / "card.md"
     text = md_path.read_text(encoding="utf-8") if md_path.is_file() else f"# Model card: {model_dir.name}\n"
-    section = render_section(card["out_of_domain"], card.get("adaptation"))
+    section = render_section(card["out_of_domain"], card.get("adaptation"), card.get("teacher_out_of_domain"))
     pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
     found = pattern.search(text)
     text = pattern.sub(lambda _: section, text) if found else text.rstrip("\n") + "\n\n" + section + "\n"

@@ -75,3 +75,37 @@ def test_shipped_baseline_gives_sane_numbers(tmp_path: Path) -> None:
     assert report["scales"]["tecom"]["um_per_px"] == pytest.approx(0.19, abs=0.03)
     if pbc_root:
         assert report["pbc_test"]["balanced_accuracy"] > 0.95
+    # The domain alarm, run over the cells as the service meets them, flags the foreign cells.
+    for domain in ("tecom", "cellavision-blog"):
+        alarm = report["domains"][domain]["alarm"]
+        assert alarm["never_on"] == 0 and alarm["flagged_share_with_alarm"] > 0.5
+    if pbc_root:
+        home = report["pbc_test"]["white_five"]["alarm"]
+        assert home["never_on"] == home["orders"]  # never on for PBC's own cells
+
+
+def test_evaluate_writes_out_of_domain_figures_into_the_card(tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from engines import evaluate
+
+    if not (WBC_SHIFT / "manifest.csv").is_file():
+        pytest.skip(f"no wbc-shift data at {WBC_SHIFT}")
+    model_dir = tmp_path / "model"
+    shutil.copytree(BASELINE.parent, model_dir)
+    assert evaluate.main([str(model_dir), "--ood-only", "--write"]) == 0
+    card = json.loads((model_dir / "card.json").read_text())
+    assert set(card["out_of_domain"]["domains"]) == {"tecom", "cellavision-blog"}
+    text = (model_dir / "card.md").read_text()
+    assert text.count("## Other microscopes (out of domain)") == 1 and "| tecom | 300 |" in text
+
+
+def test_teacher_evaluation_skips_cleanly_without_a_teacher(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from engines import ood_teacher
+
+    missing = tmp_path / "teacher.pt"
+    argv = ["--teacher", str(missing), "--calib", str(missing), "--pbc-errors", str(missing), "--out",
+            str(tmp_path / "out.json")]
+    assert ood_teacher.main(argv) == 2
+    assert "not found" in capsys.readouterr().err and not (tmp_path / "out.json").exists()
