@@ -288,6 +288,11 @@ METHODS: dict[str, AdaptConfig] = {
 }
 
 
+def _mean_sd(values: list[float | None]) -> tuple[float | None, float | None]:
+    known = [v for v in values if v is not None]
+    return (float(np.mean(known)), float(np.std(known))) if known else (None, None)
+
+
 def _shares(pred: np.ndarray, k: int) -> list[float]:
     """How the test cells were spread over the classes (a collapse into one class shows here)."""
     return [round(float(v), 3) for v in np.bincount(pred, minlength=k) / max(1, len(pred))]
@@ -319,7 +324,7 @@ def replay_set(pbc_root: Path, classes: list[str], per_class: int, size: int, se
 
 
 def experiment(model_onnx: Path, shots: tuple[int, ...], seeds: int, methods: list[str], out: Path | None,
-               epochs: int, log=print) -> dict:
+               epochs: int, log=print, domains: tuple[str, ...] | None = None) -> dict:
     """For each wbc-shift domain: half the cells are a fixed test set, the other half the site's pool
     (all of it unlabelled for batch norm; n of it labelled). Balanced accuracy over the classes present,
     mean ± sd over seeds; PBC test balanced accuracy of the adapted model next to it. ``pool_balanced_accuracy``
@@ -340,7 +345,7 @@ def experiment(model_onnx: Path, shots: tuple[int, ...], seeds: int, methods: li
                     "epochs": epochs, "seeds": seeds, "methods": {m: asdict(METHODS[m]) for m in methods},
                     "threads": torch.get_num_threads(), "domains": {}}
     replay_stats = colourmatch.lab_stats(replay[0])
-    for domain in ood.DOMAINS:
+    for domain in domains or ood.DOMAINS:
         chosen = [c for c in cells if c.domain == domain]
         labels = np.array([meta.classes.index(c.label) for c in chosen])
         crops = np.stack([ood.cut_field(cv2.imread(str(root / c.path), cv2.IMREAD_COLOR), scales[domain]["um_per_px"],
@@ -372,24 +377,25 @@ def experiment(model_onnx: Path, shots: tuple[int, ...], seeds: int, methods: li
                     probs = predict_probs(model, site_crops[test], meta)
                     site = evaluate.classification_metrics(probs.argmax(1), labels[test], meta.classes)
                     unlabelled = np.setdiff1d(pool, chosen_idx)
-                    pool_probs = predict_probs(model, site_crops[unlabelled], meta)
-                    pool_metrics = evaluate.classification_metrics(pool_probs.argmax(1), labels[unlabelled],
-                                                                   meta.classes)
+                    pool_accuracy = None  # every pool cell labelled: nothing left to measure on
+                    if len(unlabelled):
+                        pool_probs = predict_probs(model, site_crops[unlabelled], meta)
+                        pool_accuracy = evaluate.classification_metrics(pool_probs.argmax(1), labels[unlabelled],
+                                                                        meta.classes)["balanced_accuracy"]
                     pbc_probs = predict_probs(model, pbc_images, meta)
                     pbc_metrics = evaluate.classification_metrics(pbc_probs.argmax(1), pbc_labels, meta.classes)
                     runs.append({"seed": seed, "balanced_accuracy": site["balanced_accuracy"],
                                  "ece": evaluate.expected_calibration_error(probs, labels[test]),
-                                 "pool_balanced_accuracy": pool_metrics["balanced_accuracy"],
+                                 "pool_balanced_accuracy": pool_accuracy,
                                  "pbc_balanced_accuracy": pbc_metrics["balanced_accuracy"],
                                  "predicted_share": _shares(probs.argmax(1), len(meta.classes)),
                                  "seconds": seconds})
-                summary = {k: (float(np.mean([r[k] for r in runs])), float(np.std([r[k] for r in runs])))
-                           for k in ("balanced_accuracy", "ece", "pool_balanced_accuracy", "pbc_balanced_accuracy",
-                                     "seconds")}
+                summary = {k: _mean_sd([r[k] for r in runs]) for k in ("balanced_accuracy", "ece",
+                           "pool_balanced_accuracy", "pbc_balanced_accuracy", "seconds")}
                 rows["results"].append({"n_labels": n, "method": method, "runs": runs, "mean_sd": summary})
                 log(f"{domain} n={n:3d} {method:8s} bal_acc {summary['balanced_accuracy'][0]:.3f}"
                     f"±{summary['balanced_accuracy'][1]:.3f} ece {summary['ece'][0]:.3f} "
-                    f"pool {summary['pool_balanced_accuracy'][0]:.3f} "
+                    f"pool {summary['pool_balanced_accuracy'][0] or float('nan'):.3f} "
                     f"pbc {summary['pbc_balanced_accuracy'][0]:.3f} ({summary['seconds'][0]:.0f}s/run)")
                 if out:
                     pbc.atomic_write_json(out, report)
@@ -407,9 +413,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=list(METHODS))
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--threads", type=int, default=1)
+    from engines.ood import DOMAINS
+
+    p.add_argument("--domains", nargs="+", choices=DOMAINS, default=None,
+                   help="wbc-shift domains to measure (default: all)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    report = experiment(args.model, tuple(args.shots), args.seeds, args.methods, args.out, args.epochs)
+    report = experiment(args.model, tuple(args.shots), args.seeds, args.methods, args.out, args.epochs,
+                        domains=tuple(args.domains) if args.domains else None)
     if not args.out:
         print(json.dumps(report, indent=1))
     return 0
