@@ -353,6 +353,15 @@ def test_status_fills_the_health_panel_and_the_latest_cells_set_the_domain_alarm
     assert display.snapshot()["health"]["domain_alarm"] is False
 
 
+def test_health_shows_when_the_alarm_has_not_yet_judged_the_first_cells(display: DisplayState) -> None:
+    message = cells_message(0, [cell(0, "wbc", "neutrophil", review=True)])
+    message["domain_checked"] = False
+    display.handle(TOPIC_CELLS, message)
+    assert display.snapshot()["health"]["domain_checked"] is False
+    display.handle(TOPIC_CELLS, cells_message(1, [cell(0, "wbc", "neutrophil")]))  # an older service: no field
+    assert display.snapshot()["health"]["domain_checked"] is True
+
+
 def test_preview_keeps_only_the_latest_jpeg(display: DisplayState) -> None:
     for seq in range(3):
         payload = {
