@@ -69,6 +69,7 @@ class DistillConfig:
     exclude_classes: list[str] = field(default_factory=list)
     per_class_limit: int = 0
     init: str = ""  # a baseline checkpoint (engines.baseline .pt) to start from, or "" = from scratch
+    augment: str = "basic"  # or an engines.augment set (e.g. "strong-isolate"), applied before the flips/jitter
 
 
 PRESETS: dict[str, dict] = {
@@ -146,7 +147,12 @@ def train(root: Path, cfg: DistillConfig, labels_path: Path, calib_path: Path, o
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             if len(idx) < 2:
                 continue
-            x = normalise(augment(to_tensor(x_train[idx.numpy()]), gen), data.mean, data.std)
+            batch = x_train[idx.numpy()]
+            if cfg.augment != "basic":  # lab-to-lab variation (docs/robustness.md); same draws for a seed
+                from engines.augment import augment_batch
+
+                batch = augment_batch(batch, cfg.augment, np.random.default_rng([cfg.seed, epoch, step]))
+            x = normalise(augment(to_tensor(batch), gen), data.mean, data.std)
             logits, unc, ano = model(x.contiguous(memory_format=torch.channels_last))
             y = y_train[idx]
             ce = F.cross_entropy(logits, y)
@@ -262,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--exclude", action="append", choices=pbc.CLASSES)
+    p.add_argument("--augment", default="basic", help="engines.augment set for lab-to-lab variation (default: none)")
     e = sub.add_parser("export", help="export the student to ONNX with calibrated metadata")
     e.add_argument("--data", default=None)
     e.add_argument("--student", type=Path, required=True)
@@ -281,8 +288,12 @@ def main(argv: list[str] | None = None) -> int:
         overrides["epochs"] = args.epochs
     if args.kl_weight is not None:
         overrides["kl_weight"] = args.kl_weight
+    from engines.augment import PIPELINES
+
+    if args.augment != "basic" and args.augment not in PIPELINES:
+        parser.error(f"--augment {args.augment!r}: expected basic or one of {', '.join(PIPELINES)}")
     cfg = DistillConfig(**overrides, seed=args.seed, threads=args.threads, init=args.init,
-                        exclude_classes=sorted(args.exclude or []))
+                        exclude_classes=sorted(args.exclude or []), augment=args.augment)
     train(root, cfg, args.labels, args.calib, args.out)
     return 0
 

@@ -126,7 +126,8 @@ def test_smoke_chain_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert calib["tau"] > 0 and set(calib["squash"]) >= {"lr_gap", "margin"}
     s_ckpt = tmp_path / "student.pt"
     assert distill.main(["train", "--preset", "smoke", "--labels", str(train), "--calib",
-                         str(tmp_path / "calib.json"), "--out", str(s_ckpt), "--threads", "1"]) == 0
+                         str(tmp_path / "calib.json"), "--out", str(s_ckpt), "--threads", "1",
+                         "--augment", "strong-isolate"]) == 0  # the robust student's path (docs/robustness.md)
     out = tmp_path / "student"
     assert distill.main(["export", "--student", str(s_ckpt), "--out", str(out)]) == 0
 
