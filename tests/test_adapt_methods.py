@@ -71,13 +71,18 @@ def test_diversity_term_keeps_predictions_spread_where_entropy_minimisation_coll
     assert results[1.0] > start - 0.05  # SHOT-IM: the spread over classes is kept
 
 
-def test_batchnorm_scope_moves_only_batchnorm_scales_and_shifts() -> None:
+def weights_before_and_after_im(im_params: str) -> tuple[torch.nn.Module, dict, dict]:
+    """Two epochs of information maximisation over a tiny model with one parameter scope."""
     crops, _ = site_crops(32)
     model = tiny_model()
     before = state(model)
-    cfg = AdaptConfig(layers="none", unsupervised="im", im_params="bn", im_epochs=2, batch_size=16)
+    cfg = AdaptConfig(layers="none", unsupervised="im", im_params=im_params, im_epochs=2, batch_size=16)
     selftrain.information_maximisation(model, crops, META, cfg, log=lambda *_: None)
-    after = state(model)
+    return model, before, state(model)
+
+
+def test_batchnorm_scope_moves_only_batchnorm_scales_and_shifts() -> None:
+    model, before, after = weights_before_and_after_im("bn")
     bn_affine = {name for name, module in model.named_modules()
                  if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) for name in (f"{name}.weight",
                                                                                            f"{name}.bias")}
@@ -86,12 +91,7 @@ def test_batchnorm_scope_moves_only_batchnorm_scales_and_shifts() -> None:
 
 
 def test_feature_scope_leaves_the_classifier_head_frozen() -> None:
-    crops, _ = site_crops(32)
-    model = tiny_model()
-    before = state(model)
-    cfg = AdaptConfig(layers="none", unsupervised="im", im_params="features", im_epochs=2, batch_size=16)
-    selftrain.information_maximisation(model, crops, META, cfg, log=lambda *_: None)
-    after = state(model)
+    _, before, after = weights_before_and_after_im("features")
     assert torch.equal(before["head.weight"], after["head.weight"])
     assert torch.equal(before["head.bias"], after["head.bias"])
     assert not torch.equal(before["stem.0.weight"], after["stem.0.weight"])
