@@ -6,7 +6,8 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,38 @@ def run_cli(*args: str, timeout: float = 120, env: dict[str, str] | None = None)
         cwd=REPO,
         env={**os.environ, **(env or {})},
     )
+
+
+def replay_and_collect(frames: Path, config: Path, endpoint: str, *extra: str, topics: tuple[bytes, ...] = (),
+                       on_message: Callable[[bytes, dict], None] | None = None, timeout: float = 180) -> list[dict]:
+    """Run `cytoedge replay` in a child process publishing on ``endpoint`` and collect what a real
+    subscriber receives (each message as its payload plus ``topic``) until the final status."""
+    from edge.client import Subscriber
+    from edge.messages import TOPIC_CELLS, TOPIC_STATUS
+
+    messages: list[dict] = []
+    with Subscriber(endpoint, topics=topics or (TOPIC_CELLS, TOPIC_STATUS)) as subscriber:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "edge", "-q", "replay", str(frames), "--publish", endpoint, "--config", str(config),
+             *extra],
+            cwd=REPO, stderr=subprocess.PIPE, text=True, env=os.environ.copy(),
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            received = subscriber.receive(0.5)
+            if received is None:
+                if process.poll() is not None:
+                    break
+                continue
+            messages.append({"topic": received.topic, **received.payload})
+            if on_message is not None:
+                on_message(received.topic, received.payload)
+            if received.topic == TOPIC_STATUS and received.payload.get("final"):
+                break
+        process.terminate()
+        _, stderr = process.communicate(timeout=20)
+    assert any(m.get("final") for m in messages), stderr[-2000:]
+    return messages
 
 
 @pytest.fixture(scope="session", autouse=True)

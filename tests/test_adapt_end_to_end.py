@@ -5,16 +5,11 @@ runs, and the alarm stays quiet on further frames from that microscope."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_cli
+from conftest import replay_and_collect, run_cli
 
-from edge.client import Subscriber
 from edge.display.state import DisplayState
 from edge.drift import ALARM_TEXT
 from edge.messages import TOPIC_CELLS, TOPIC_STATUS, TOPIC_THUMB
@@ -33,31 +28,9 @@ def link_frames(bccd_dir: Path, target: Path, keep) -> Path:
 
 
 def replay(frames: Path, config: Path, endpoint: str, on_message=None) -> list[dict]:
-    """Run `cytoedge replay` at full pace and collect everything it publishes until its final status."""
-    messages: list[dict] = []
-    topics = (TOPIC_CELLS, TOPIC_STATUS, TOPIC_THUMB)
-    with Subscriber(endpoint, topics=topics) as subscriber:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "edge", "-q", "replay", str(frames), "--publish", endpoint,
-             "--config", str(config), "--pace", "recorded"],
-            cwd=REPO, stderr=subprocess.PIPE, text=True, env=os.environ.copy(),
-        )
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            received = subscriber.receive(0.5)
-            if received is None:
-                if process.poll() is not None:
-                    break
-                continue
-            messages.append({"topic": received.topic, **received.payload})
-            if on_message is not None:
-                on_message(received.topic, received.payload)
-            if received.topic == TOPIC_STATUS and received.payload.get("final"):
-                break
-        process.terminate()
-        _, stderr = process.communicate(timeout=20)
-    assert any(m.get("final") for m in messages), stderr[-2000:]
-    return messages
+    """`cytoedge replay` at the config's recorded pace; everything it publishes, thumbnails included."""
+    return replay_and_collect(frames, config, endpoint, "--pace", "recorded",
+                              topics=(TOPIC_CELLS, TOPIC_STATUS, TOPIC_THUMB), on_message=on_message)
 
 
 def alarm_raised(messages: list[dict]) -> bool:

@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import random
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, SAMPLES
+from conftest import SAMPLES, replay_and_collect
 
-from edge.client import Subscriber
 from edge.drift import ALARM_TEXT, DomainAlarm, Reference, ks_distance
 from edge.messages import TOPIC_CELLS, TOPIC_STATUS
 
@@ -65,39 +61,7 @@ def test_every_cell_is_flagged_until_the_alarm_has_enough_cells_for_a_verdict() 
 def replay_and_watch(folder: Path, endpoint: str, um_per_px: float, tmp_path: Path, *extra: str) -> list[dict]:
     config = tmp_path / "c.toml"
     config.write_text(f"[microscope]\num_per_px = {um_per_px}\n")
-    messages: list[dict] = []
-    with Subscriber(endpoint, topics=(TOPIC_CELLS, TOPIC_STATUS)) as subscriber:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "edge",
-                "-q",
-                "replay",
-                str(folder),
-                "--publish",
-                endpoint,
-                "--config",
-                str(config),
-                *extra,
-            ],
-            cwd=REPO,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            received = subscriber.receive(0.5)
-            if received is None:
-                if process.poll() is not None:
-                    break
-                continue
-            messages.append({"topic": received.topic, **received.payload})
-            if received.payload.get("final"):
-                break
-        process.terminate()
-        process.communicate(timeout=20)
-    return messages
+    return replay_and_collect(folder, config, endpoint, *extra, timeout=120)
 
 
 def test_bccd_frames_from_another_microscope_raise_the_alarm_and_flag_every_cell(endpoint: str, tmp_path: Path) -> None:
