@@ -48,8 +48,30 @@ def check_batch(crops_bgr: np.ndarray, size: int) -> None:
         raise ValueError(f"crops must have shape (N, {size}, {size}, 3); got {tuple(crops_bgr.shape)}")
 
 
+def hide_context(crops_bgr: np.ndarray, radius: float) -> np.ndarray:
+    """Paint everything outside a centred disc (``radius`` × the crop side, soft 2 px edge) with each
+    crop's plasma colour (the median of its brightest fifth). The centred cell is what is being named;
+    its neighbours differ between labs (PBC's ring of red cells, a white cell alone on plasma
+    elsewhere), so a model that declares ``context_radius`` never sees them, in training or here."""
+    crops = np.asarray(crops_bgr)
+    if len(crops) == 0:
+        return crops.copy()
+    n, h, w = crops.shape[:3]
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    distance = np.hypot(xx - (w - 1) / 2, yy - (h - 1) / 2)
+    keep = np.clip((radius * min(h, w) - distance) / 2.0 + 0.5, 0.0, 1.0)[None, :, :, None]
+    grey = crops.astype(np.float32).mean(axis=3).reshape(n, -1)
+    bright = grey >= np.percentile(grey, 80, axis=1, keepdims=True)
+    flat = crops.reshape(n, -1, 3)
+    plasma = np.stack([np.median(flat[i][bright[i]], axis=0) for i in range(n)]).astype(np.float32)
+    out = crops.astype(np.float32) * keep + plasma[:, None, None, :] * (1.0 - keep)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
 def preprocess(crops_bgr: np.ndarray, meta: ModelMetadata) -> np.ndarray:
     """uint8 BGR NHWC -> normalised float32 NCHW in the model's channel order."""
+    if meta.context_radius:
+        crops_bgr = hide_context(crops_bgr, meta.context_radius)
     batch = crops_bgr[..., ::-1] if meta.channel_order == "RGB" else crops_bgr
     scale = 1.0 / (255.0 * np.asarray(meta.std, np.float32))
     offset = np.asarray(meta.mean, np.float32) / np.asarray(meta.std, np.float32)

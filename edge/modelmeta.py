@@ -38,6 +38,9 @@ class ModelMetadata:
     anomaly_output: str | None = None
     # Divide logits by this before the softmax (fitted on validation data; 1.0 = uncalibrated).
     temperature: float = 1.0
+    # > 0: the crop outside a centred disc of this radius (fraction of the side) is painted with the
+    # plasma colour before the network sees it (edge.classifier.hide_context); 0 = the whole crop.
+    context_radius: float = 0.0
     kind: str = "baseline"
     uncertainty_measure: str = "normalised entropy of the calibrated softmax"
     anomaly_measure: str = "1 - max calibrated probability"
@@ -89,6 +92,9 @@ def _check(meta: ModelMetadata, source: str) -> None:
             problems.append(f"{name} must be a positive number")
     if meta.channel_order not in ("RGB", "BGR"):
         problems.append("channel_order must be RGB or BGR")
+    radius = meta.context_radius
+    if isinstance(radius, bool) or not (isinstance(radius, (int, float)) and 0 <= radius <= 0.75):
+        problems.append("context_radius must be a number from 0 to 0.75")
     if problems:
         raise ModelError(f"{source}: bad cytoedge metadata: " + "; ".join(problems))
 

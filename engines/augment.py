@@ -102,17 +102,12 @@ def desaturate(image: np.ndarray, rng: np.random.Generator, strength: float = 1.
 
 # ---------------------------------------------------------------------------------------- context
 def isolate(image: np.ndarray, rng: np.random.Generator, strength: float = 1.0) -> np.ndarray:
-    """Keep a central disc (radius 0.30-0.45 of the crop, soft 2 px edge) and paint the rest with the
-    background colour: other labs' crops (e.g. a white cell alone on plasma) lack PBC's ring of red
-    cells, so the class must come from the centred cell, not its neighbours."""
-    h, w = image.shape[:2]
-    radius = rng.uniform(0.30, 0.45) * min(h, w) / max(strength, 1e-6)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    distance = np.hypot(xx - (w - 1) / 2, yy - (h - 1) / 2)
-    keep = np.clip((radius - distance) / 2.0 + 0.5, 0.0, 1.0)[..., None]
-    grey = image.astype(np.float32).mean(axis=2)
-    plasma = np.median(image[grey >= np.percentile(grey, 80)], axis=0)  # the brightest fifth: no cells
-    return _to_u8(image.astype(np.float32) * keep + plasma.astype(np.float32) * (1.0 - keep))
+    """Hide the neighbours outside a random central disc (radius 0.30-0.45 of the crop) with the plasma
+    colour (``edge.classifier.hide_context``): other labs' crops (e.g. a white cell alone on plasma)
+    lack PBC's ring of red cells, so the class must come from the centred cell, not its neighbours."""
+    from edge.classifier import hide_context
+
+    return hide_context(image[None], rng.uniform(0.30, 0.45) / max(strength, 1e-6))[0]
 
 
 # ----------------------------------------------------------------------------------------- optics

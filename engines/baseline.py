@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edge.classifier import hide_context
 from engines import pbc
 
 INPUT_SIZE = 64
@@ -131,6 +132,9 @@ class TrainConfig:
     per_class_limit: int = 0
     # "basic": the flips/shift/jitter below only; "robust": engines.augment's lab-to-lab set first.
     augment: str = "basic"
+    # > 0: train (and, via the exported metadata, run) on crops whose surroundings outside this centred
+    # disc are painted with the plasma colour (edge.classifier.hide_context).
+    context_radius: float = 0.0
 
 
 @dataclass
@@ -198,6 +202,8 @@ def run_key(cfg: TrainConfig, data: PreparedData) -> str:
     config = asdict(cfg)
     if config["augment"] == "basic":
         del config["augment"]  # keeps the keys (and --resume) of runs made before the option existed
+    if not config["context_radius"]:
+        del config["context_radius"]
     text = json.dumps({"cfg": config, "split": data.split_summary["sha256"],
                        "n": {k: len(v) for k, v in data.labels.items()}}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
@@ -211,6 +217,7 @@ def train(root: Path, cfg: TrainConfig, checkpoint_dir: Path, resume: bool = Fal
     data = prepare_data(root, cfg)
     model = BaselineCNN(len(data.classes), cfg.stem, cfg.widths).to(memory_format=torch.channels_last)
     train_x, train_y = data.images["train"], torch.from_numpy(data.labels["train"])
+    val_x = hide_context(data.images["val"], cfg.context_radius) if cfg.context_radius else data.images["val"]
     steps_per_epoch = max(1, math.ceil(len(train_x) / cfg.batch_size))
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
@@ -246,6 +253,8 @@ def train(root: Path, cfg: TrainConfig, checkpoint_dir: Path, resume: bool = Fal
                 from engines.augment import augment_batch
 
                 batch = augment_batch(batch, cfg.augment, np.random.default_rng([cfg.seed, epoch, step]))
+            if cfg.context_radius:  # after the colour ops, as the runtime hides the context of a foreign crop
+                batch = hide_context(batch, cfg.context_radius)
             x = augment(to_tensor(batch), gen)
             x = normalise(x, data.mean, data.std).contiguous(memory_format=torch.channels_last)
             y = train_y[idx]
@@ -258,7 +267,7 @@ def train(root: Path, cfg: TrainConfig, checkpoint_dir: Path, resume: bool = Fal
             total += len(y)
             correct += int((logits.argmax(1) == y).sum())
             loss_sum += loss.item() * len(y)
-        val_logits = predict_logits(model, data.images["val"], data.mean, data.std)
+        val_logits = predict_logits(model, val_x, data.mean, data.std)
         val_acc = float((val_logits.argmax(1) == data.labels["val"]).mean()) if len(val_logits) else float("nan")
         row = {"epoch": epoch + 1, "loss": loss_sum / max(total, 1), "train_acc": correct / max(total, 1),
                "val_acc": val_acc, "seconds": time.time() - began}
@@ -288,7 +297,8 @@ def build(args: argparse.Namespace) -> int:
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
     cfg = TrainConfig(**overrides, seed=args.seed, threads=args.threads,
-                      exclude_classes=sorted(args.exclude or []), augment=args.augment)
+                      exclude_classes=sorted(args.exclude or []), augment=args.augment,
+                      context_radius=args.context_radius)
     root = pbc.data_dir(args.data)
     if not (root / "manifest.csv").is_file():
         print(f"no PBC data at {root} (set --data or CYTOEDGE_PBC)", file=sys.stderr)
@@ -302,7 +312,7 @@ def build(args: argparse.Namespace) -> int:
     train_seconds = sum(row["seconds"] for row in history["epochs"])
     meta = export.make_metadata(
         name=args.name, version=args.version, classes=data.classes, input_size=INPUT_SIZE,
-        mean=data.mean, std=data.std, field_um=FIELD_UM, kind="baseline",
+        mean=data.mean, std=data.std, field_um=FIELD_UM, kind="baseline", context_radius=cfg.context_radius,
     )
     onnx_path = out / "model.onnx"
     export.export_onnx(model, onnx_path, meta)
@@ -330,6 +340,9 @@ def build(args: argparse.Namespace) -> int:
 
         training["augmentation"] = (f"engines.augment '{cfg.augment}' ({PIPELINES[cfg.augment].describe()}; "
                                     "see docs/robustness.md), then " + training["augmentation"])
+    if cfg.context_radius:
+        training["augmentation"] += (f"; context outside a centred disc of radius {cfg.context_radius:g} × the crop "
+                                     "side painted with the plasma colour, in training and at runtime")
     report = evaluate.evaluate_onnx(onnx_path, data.images["test"], data.labels["test"],
                                     timing_repeats=args.timing_repeats)
     evaluate.write_card(out, onnx_path, report, training, data.split_summary)
@@ -353,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
 
     p.add_argument("--augment", choices=["basic", *PIPELINES], default="basic",
                    help="robust: add engines.augment's lab-to-lab set (stain, light, blur, noise, JPEG, scale)")
+    p.add_argument("--context-radius", type=float, default=0.0,
+                   help="hide everything outside this centred disc (fraction of the crop side) in training and "
+                        "at runtime (docs/robustness.md); 0 = the whole crop")
     p.add_argument("--name", default="baseline-cnn")
     p.add_argument("--version", default="1.0.0")
     p.add_argument("--timing-repeats", type=int, default=20)
