@@ -132,7 +132,13 @@ def render_section(ood: dict, adaptation: dict | None, teacher: dict | None = No
                   f"reviewer meets them, the whole pool unlabelled; {adaptation['epochs']} fine-tuning epochs; "
                   f"{adaptation['seeds']} seeds (`python -m engines.evaluate --adapt`, method definitions in "
                   "engines/adapt.py).", "", *_adaptation_rows(adaptation)]
-    lines += ["", END]
+    lines += ["", "What was tried to make models hold up on other microscopes, each measured on these sets "
+              "(docs/robustness.md): lab-to-lab augmentations (stain, colour, optics, sensor, scale) and a "
+              "leave-one-group-out ablation; wider colour ranges; hiding the neighbours of the centred cell "
+              "at random in training or always at runtime; per-image and per-site colour matching; batch-norm "
+              "re-estimation on the site's cells; entropy minimisation, information maximisation and "
+              "self-training on them; fine-tuning on reviewed cells with PBC replay. The diffusion teacher "
+              "was scored on the same cells.", "", END]
     return "\n".join(lines)
 
 
