@@ -447,6 +447,11 @@ def render_card_md(card: dict) -> str:
     return "\n".join(lines)
 
 
+def _augmentation(config: dict) -> str:
+    name = config.get("augment", "basic")
+    return "the baseline's" if name == "basic" else f"engines.augment '{name}', then the baseline's"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engines.compare", description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=None)
@@ -517,8 +522,8 @@ def main(argv: list[str] | None = None) -> int:
             "recipe": (f"AdamW one-cycle lr {st_state['config']['lr']}, {st_state['config']['epochs']} epochs, "
                        f"batch {st_state['config']['batch_size']}; loss = CE(label) + "
                        f"{st_state['config']['kl_weight']}"
-                       f"·KL(teacher‖student) + {st_state['config']['head_weight']}·MSE(heads); baseline "
-                       f"augmentation; init: {st_state['config']['init'] or 'from scratch'}"),
+                       f"·KL(teacher‖student) + {st_state['config']['head_weight']}·MSE(heads); augmentation: "
+                       f"{_augmentation(st_state['config'])}; init: {st_state['config']['init'] or 'from scratch'}"),
             "params": count_params(model), "config": st_state["config"], "history": st_state["history"]}
     if args.anomaly_student or args.anomaly_teacher or args.anomaly_baseline:
         parts = []
