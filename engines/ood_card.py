@@ -131,7 +131,11 @@ def render_section(ood: dict, adaptation: dict | None, teacher: dict | None = No
                   f"Each domain split once into a fixed test half and a pool half; n cells of the pool labelled as a "
                   f"reviewer meets them, the whole pool unlabelled; {adaptation['epochs']} fine-tuning epochs; "
                   f"{adaptation['seeds']} seeds (`python -m engines.evaluate --adapt`, method definitions in "
-                  "engines/adapt.py).", "", *_adaptation_rows(adaptation)]
+                  "engines/adapt.py). Test halves: "
+                  + ", ".join(f"{d} n={b['n_test']} (pool {b['n_pool']})" for d, b in adaptation["domains"].items())
+                  + "; balanced accuracy over the classes present in the half, so the 'none' rows differ from the "
+                  "whole-domain figures above; no 100-label row where the pool is smaller.", "",
+                  *_adaptation_rows(adaptation)]
     lines += ["", "What was tried to make models hold up on other microscopes, each measured on these sets "
               "(docs/robustness.md): lab-to-lab augmentations (stain, colour, optics, sensor, scale) and a "
               "leave-one-group-out ablation; wider colour ranges; hiding the neighbours of the centred cell "

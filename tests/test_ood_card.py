@@ -59,7 +59,7 @@ def ood_report(model_id: str) -> dict:
 def test_card_block_is_added_once_and_refreshed_in_place(tmp_path: Path) -> None:
     (tmp_path / "card.json").write_text(json.dumps({"name": "student"}))
     (tmp_path / "card.md").write_text("# Model card: student\n\nWritten by another engine.\n")
-    adaptation = {"epochs": 30, "seeds": 3, "domains": {"tecom": {"results": [
+    adaptation = {"epochs": 30, "seeds": 3, "domains": {"tecom": {"n_test": 150, "n_pool": 150, "results": [
         {"n_labels": 50, "method": "bn+all+replay",
          "mean_sd": {"balanced_accuracy": [0.876, 0.03], "ece": [0.09, 0.0], "pbc_balanced_accuracy": [0.93, 0.0]}}]}}}
     update_card(tmp_path, ood_report("m-1@aaa"), adaptation)
