@@ -143,16 +143,21 @@ class DomainAlarm:
     """Rolling-window drift test. ``alpha`` is the per-check false-alarm level (Bonferroni over the
     features); the alarm clears only when every feature is back under the critical distance at
     ``clear_alpha`` (a looser level), so it does not flicker at the boundary. Cells whose predicted
-    class has no reference are compared with the whole reference. Until ``min_cells`` white cells have
-    been seen there is no verdict, and (``flag_until_checked``) every cell goes to review meanwhile."""
+    class has no reference are compared with the whole reference. A new run starts *unchecked*: until
+    a full window has looked like the reference at the loose level (every feature under the
+    ``clear_alpha`` distance), there is no verdict that the images are familiar, and
+    (``flag_until_checked``) every cell goes to review meanwhile; an alarm makes the run unchecked
+    again. A foreign microscope whose windows are ambiguous (between the two levels) never passes
+    unflagged."""
 
     reference: Reference
     window: int = 60
     min_cells: int = 30
     alpha: float = 1e-4
     clear_alpha: float = 0.05
-    flag_until_checked: bool = True  # the first cells, before any verdict, go to review too
+    flag_until_checked: bool = True  # cells go to review until the images have been found familiar
     active: bool = False
+    familiar: bool = False  # the window has looked like the reference (at the loose level) since the last alarm
     last_distances: dict[str, float] = field(default_factory=dict)
     _recent: deque[tuple[str, dict[str, float]]] = field(default_factory=deque)
 
@@ -165,9 +170,10 @@ class DomainAlarm:
 
     @property
     def checked(self) -> bool:
-        """Whether enough cells have been seen for a verdict (before that, a foreign microscope's first
-        cells would pass unflagged: the alarm cannot fire on fewer than ``min_cells``)."""
-        return len(self._recent) >= self.min_cells
+        """Whether the images have been found familiar: a full window (``window`` cells) under the loose
+        level. Before that a foreign microscope's first cells would otherwise pass unflagged (the alarm
+        cannot fire on fewer than ``min_cells``, and an ambiguous window raises nothing)."""
+        return self.familiar
 
     @property
     def flags_cells(self) -> bool:
@@ -204,10 +210,15 @@ class DomainAlarm:
         worst = max(self.last_distances.values())
         if not self.active and worst > on_level:
             self.active = True
-        elif self.active and worst < off_level:
+            self.familiar = False
+        elif worst < off_level:
             self.active = False
+            # "Familiar" is a verdict on a full window: with fewer cells the loose level is too loose
+            # (at 30 cells a 0.6-sd shift still passes it about half the time).
+            self.familiar = self.familiar or n >= self.window
         return self.active
 
     def reset(self) -> None:
         self._recent.clear()
         self.active = False
+        self.familiar = False

@@ -119,7 +119,7 @@ def render_section(ood: dict, adaptation: dict | None, teacher: dict | None = No
     lines += ["", "Balanced accuracy out of domain is the mean recall over the white classes present (tecom has one "
               "basophil, cellavision-blog three). \"With the domain alarm\": share of cells flagged when the "
               "service's alarm runs over the domain's cells in 20 random orders (every cell is flagged while it is "
-              "on, and each of the first 29 before its first verdict); \"cells before the alarm\": median (max) "
+              "on, and until a full window has looked familiar); \"cells before the alarm\": median (max) "
               "cells seen before it came on.", ""]
     for domain, d in ood["domains"].items():
         recall = ", ".join(f"{c} {_pct(r)} ({d['support'][c]})" for c, r in d["per_class_recall"].items())

@@ -35,8 +35,8 @@ def test_alarm_stream_never_fires_in_domain_and_flags_foreign_cells_from_the_fir
     labels, values, crops = cells(rng, 200, 0.0)
     review = np.zeros(200, bool)
     home = alarm_stream(ref, labels, values["anomaly"], values["uncertainty"], crops, review, orders=3)
-    assert home["never_on"] == 3  # in domain only the first 29 cells, before the first verdict, are flagged
-    assert home["flagged_share_with_alarm"] == 29 / 200
+    assert home["never_on"] == 3  # in domain only the first 59 cells, before a full familiar window, are flagged
+    assert home["flagged_share_with_alarm"] == 59 / 200
     labels, values, crops = cells(rng, 200, 0.1)
     away = alarm_stream(ref, labels, values["anomaly"], values["uncertainty"], crops, review, orders=3)
     assert away["never_on"] == 0 and away["cells_before_on_max"] == 30  # on at the first verdict
