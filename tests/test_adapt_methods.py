@@ -189,3 +189,15 @@ def test_diverging_information_maximisation_is_refused_not_saved() -> None:
                       batch_size=16)
     with pytest.raises(ValueError, match="diverged"):
         selftrain.information_maximisation(copy.deepcopy(tiny_model()), crops, META, cfg, log=lambda *_: None)
+
+
+def test_teacher_filter_keeps_the_confident_half_of_each_class_and_the_agreeing_cells() -> None:
+    from engines.teacher_filter import confident_half, pseudo_labels
+
+    teacher = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.45, 0.55], [0.7, 0.3]])
+    cnn = np.array([[0.8, 0.2], [0.3, 0.7], [0.1, 0.9], [0.9, 0.1], [0.6, 0.4]])
+    assert confident_half(teacher.argmax(1), teacher.max(1)).tolist() == [0, 2]  # class 0: 0.9 of 3; class 1: 0.8
+    index, labels = pseudo_labels("agree", teacher, cnn)
+    assert index.tolist() == [0, 2, 4] and labels.tolist() == [0, 1, 0]
+    with pytest.raises(ValueError, match="unknown filter"):
+        pseudo_labels("vote", teacher, cnn)
