@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engines import pbc
+from engines.augment import augment_batch
 from engines.baseline import TrainConfig, prepare_data
 
 T_STEPS = 1000
@@ -206,6 +207,19 @@ class DiffusionConfig:
     threads: int = 2
     exclude_classes: list[str] = field(default_factory=list)
     per_class_limit: int = 0
+    # Lab-to-lab augmentation (an engines.augment set) applied to each batch's crops before the
+    # diffusion-space conversion; "basic" = none beyond the dihedral flips.
+    augment: str = "basic"
+    # Start from this checkpoint's weights (e.g. the plain teacher) instead of from scratch.
+    init: str = ""
+
+
+def _comparable(config: dict) -> dict:
+    """The parts of a config that change the maths; new options at their defaults are left out, so
+    checkpoints made before they existed still resume."""
+    budget_keys = ("minutes", "max_steps", "threads")
+    defaults = {"augment": "basic", "init": ""}
+    return {k: v for k, v in config.items() if k not in budget_keys and defaults.get(k, object()) != v}
 
 
 PRESETS: dict[str, dict] = {
@@ -266,9 +280,7 @@ def train(root: Path, cfg: DiffusionConfig, out: Path, resume: bool = True, log=
     out = Path(out)
     if resume and out.is_file():
         state = torch.load(out, map_location="cpu", weights_only=False)
-        budget_keys = ("minutes", "max_steps", "threads")  # none of these change the maths
-        same = {k: v for k, v in state["config"].items() if k not in budget_keys} == {
-            k: v for k, v in json.loads(json.dumps(asdict(cfg))).items() if k not in budget_keys}
+        same = _comparable(state["config"]) == _comparable(json.loads(json.dumps(asdict(cfg))))
         if not same:
             raise SystemExit(f"{out} was trained with another configuration; use --no-resume or another --out")
         if True:
@@ -277,6 +289,13 @@ def train(root: Path, cfg: DiffusionConfig, out: Path, resume: bool = True, log=
             optimiser.load_state_dict(state["optimiser"])
             step, elapsed, history = state["step"], state["elapsed"], state["history"]
             log(f"resumed {out} at step {step} ({elapsed / 60:.1f} min trained)")
+    elif cfg.init:
+        start = torch.load(cfg.init, map_location="cpu", weights_only=False)
+        if start["classes"] != data.classes:
+            raise SystemExit(f"{cfg.init} was trained on classes {start['classes']}, not {data.classes}")
+        model.load_state_dict(start["ema"])  # the smoothed weights are the ones that were good
+        ema.load_state_dict(start["ema"])
+        log(f"initialised from {cfg.init} ({start['step']} steps, {start['elapsed'] / 60:.1f} min trained)")
     log(f"UNet {count_params(model):,} params, {unet_macs(model, cfg.resolution) / 1e6:.1f} M MACs/pass, "
         f"{len(x_all)} train crops at {cfg.resolution}px, classes {data.classes}")
 
@@ -294,7 +313,12 @@ def train(root: Path, cfg: DiffusionConfig, out: Path, resume: bool = True, log=
         # Every step's randomness depends only on (seed, step): a resumed run repeats what it would have done.
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         idx = torch.randint(0, len(x_all), (cfg.batch_size,), generator=gen)
-        x0 = dihedral(x_all[idx], gen)
+        if cfg.augment != "basic":  # lab-to-lab variation on the uint8 crops, then to diffusion space
+            batch = augment_batch(data.images["train"][idx.numpy()], cfg.augment,
+                                  np.random.default_rng([cfg.seed, step]))
+            x0 = dihedral(to_diffusion_space(batch, cfg.resolution), gen)
+        else:
+            x0 = dihedral(x_all[idx], gen)
         y = y_all[idx].clone()
         y[torch.rand(len(y), generator=gen) < cfg.null_prob] = num_classes
         t = sample_timesteps(len(y), cfg, gen)
@@ -343,14 +367,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--exclude", action="append", choices=pbc.CLASSES, help="hold a class out (repeatable)")
     p.add_argument("--no-resume", action="store_true")
+    p.add_argument("--augment", default="basic", help="engines.augment set applied to training crops")
+    p.add_argument("--init", default="", help="start from this teacher checkpoint's (EMA) weights")
     args = parser.parse_args(argv)
     overrides = dict(PRESETS[args.preset])
     if args.minutes is not None:
         overrides["minutes"] = args.minutes
     if args.max_steps is not None:
         overrides["max_steps"] = args.max_steps
+    from engines.augment import PIPELINES
+
+    if args.augment != "basic" and args.augment not in PIPELINES:
+        parser.error(f"--augment {args.augment!r}: expected basic or one of {', '.join(PIPELINES)}")
     cfg = DiffusionConfig(**overrides, seed=args.seed, threads=args.threads,
-                          exclude_classes=sorted(args.exclude or []))
+                          exclude_classes=sorted(args.exclude or []), augment=args.augment, init=args.init)
     root = pbc.data_dir(args.data)
     if not (root / "manifest.csv").is_file():
         print(f"no PBC data at {root} (set --data or CYTOEDGE_PBC)", file=sys.stderr)

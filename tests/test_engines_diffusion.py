@@ -34,6 +34,16 @@ def test_disc_mask_is_a_centred_disc() -> None:
     assert abs(mask.sum() - math.pi * (0.34 * 32) ** 2) < 0.05 * mask.sum()
 
 
+def test_checkpoints_from_before_the_augment_and_init_options_still_resume() -> None:
+    from dataclasses import asdict
+
+    from engines.diffusion import DiffusionConfig, _comparable
+
+    old = {k: v for k, v in asdict(DiffusionConfig()).items() if k not in ("augment", "init")}
+    assert _comparable(old) == _comparable(asdict(DiffusionConfig(minutes=3, threads=1)))
+    assert _comparable(old) != _comparable(asdict(DiffusionConfig(augment="strong-isolate")))
+
+
 def test_shared_noise_is_identical_across_classes() -> None:
     """Within a trial every class (and the null class) must see the very same noisy image: the paired
     comparison is what makes few trials enough. Checked on the inputs the network really receives."""
@@ -116,6 +126,9 @@ def test_smoke_chain_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 
     t_ckpt = tmp_path / "teacher.pt"
     assert diffusion.main(["train", "--preset", "smoke", "--out", str(t_ckpt), "--threads", "1"]) == 0
+    robust = tmp_path / "teacher-robust.pt"  # the robust teacher's path: continue from it with augmentation
+    assert diffusion.main(["train", "--preset", "smoke", "--out", str(robust), "--threads", "1", "--init",
+                           str(t_ckpt), "--augment", "strong-isolate"]) == 0
     val, train = tmp_path / "val.npz", tmp_path / "train.npz"
     assert teacher.main(["label", "--teacher", str(t_ckpt), "--split", "val", "--preset", "smoke",
                          "--no-prune", "--out", str(val), "--threads", "1"]) == 0
