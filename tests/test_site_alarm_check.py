@@ -33,3 +33,15 @@ def test_a_recording_that_drifted_half_way_alarms_only_on_ordered_halves() -> No
 def test_too_few_cells_per_class_is_reported_as_not_measured() -> None:
     labels, values = site_cells(12, 0.0)
     assert alarm_self_check(labels, values) == {"checks": 0, "alarm_share": None}
+
+
+def test_adapt_warns_when_the_site_model_is_no_better_on_the_sites_own_cells() -> None:
+    from edge.commands.adapt import site_model_helped
+
+    def cv(base: float, site: float, n: int = 40) -> dict:
+        return {"base": {"balanced_accuracy": base, "n": n}, "site": {"balanced_accuracy": site, "n": n}}
+
+    assert site_model_helped(cv(0.40, 0.80))
+    assert not site_model_helped(cv(0.80, 0.80))
+    assert not site_model_helped(cv(0.80, 0.81))  # one cell in 40 is noise
+    assert not site_model_helped(cv(0.80, 0.70))

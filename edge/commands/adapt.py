@@ -27,6 +27,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
 
 
+def site_model_helped(cross_validation: dict) -> bool:
+    """Whether the site model beat its base on held-out folds of the site's reviewed cells by more than
+    one cell's worth of accuracy (less is noise with a few dozen labels)."""
+    site, base = cross_validation["site"], cross_validation["base"]
+    return site["balanced_accuracy"] - base["balanced_accuracy"] > 1.0 / max(site["n"], 1)
+
+
 def main(args: argparse.Namespace) -> int:
     """Gather the site's cells, build the site model in a temporary folder, add it to the store (inactive)."""
     import tempfile
@@ -92,6 +99,9 @@ def main(args: argparse.Namespace) -> int:
     if cv:
         print(f"cross-validated on {cv['site']['n']} labelled cells: balanced accuracy base "
               f"{100 * cv['base']['balanced_accuracy']:.1f}% -> site {100 * cv['site']['balanced_accuracy']:.1f}%")
+        if not site_model_helped(cv):
+            print("warning: on this site's own reviewed cells the site model is no better than the one it was "
+                  "adapted from; review more cells (all classes) before using it", file=sys.stderr)
     random, ordered = card["alarm_self_check"]["random_halves"], card["alarm_self_check"]["recording_halves"]
     if random["checks"] and random["alarm_share"] > 0.01:
         print(f"warning: the domain alarm fired in {100 * random['alarm_share']:.1f}% of checks on this site's own "
