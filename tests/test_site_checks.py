@@ -1,5 +1,6 @@
-"""The site model's alarm self-check: random halves of a site's cells agree with each other, while a
-recording that drifted half-way is caught by comparing its first and second halves."""
+"""What a site model is checked against on the site's own cells: the alarm self-check (random halves
+agree with each other, a recording that drifted half-way is caught by comparing its halves) and
+whether adapting beat the base model on the reviewed cells."""
 
 from __future__ import annotations
 
