@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,7 +157,10 @@ class DomainAlarm:
     clear_alpha: float = 0.05
     flag_until_checked: bool = True  # cells go to review until the images have been found familiar
     active: bool = False
-    familiar: bool = False  # the window has looked like the reference (at the loose level) since the last alarm
+    # Whether the images have been found familiar: a full window (``window`` cells) under the loose level
+    # since the start or the last alarm. Before that a foreign microscope's first cells would otherwise pass
+    # unflagged (the alarm cannot fire on fewer than ``min_cells``, and an ambiguous window raises nothing).
+    checked: bool = False
     last_distances: dict[str, float] = field(default_factory=dict)
     _recent: deque[tuple[str, dict[str, float]]] = field(default_factory=deque)
 
@@ -167,13 +170,6 @@ class DomainAlarm:
     @property
     def cells(self) -> int:
         return len(self._recent)
-
-    @property
-    def checked(self) -> bool:
-        """Whether the images have been found familiar: a full window (``window`` cells) under the loose
-        level. Before that a foreign microscope's first cells would otherwise pass unflagged (the alarm
-        cannot fire on fewer than ``min_cells``, and an ambiguous window raises nothing)."""
-        return self.familiar
 
     @property
     def flags_cells(self) -> bool:
@@ -210,15 +206,35 @@ class DomainAlarm:
         worst = max(self.last_distances.values())
         if not self.active and worst > on_level:
             self.active = True
-            self.familiar = False
+            self.checked = False
         elif worst < off_level:
             self.active = False
             # "Familiar" is a verdict on a full window: with fewer cells the loose level is too loose
             # (at 30 cells a 0.6-sd shift still passes it about half the time).
-            self.familiar = self.familiar or n >= self.window
+            self.checked = self.checked or n >= self.window
         return self.active
 
     def reset(self) -> None:
         self._recent.clear()
         self.active = False
-        self.familiar = False
+        self.checked = False
+
+
+def stream(alarm: DomainAlarm, labels: Sequence[str], values: dict[str, np.ndarray],
+           order: Iterable[int]) -> Iterator[int]:
+    """Feed cells to ``alarm`` one at a time in ``order``, as the service meets them (offline
+    measurements of the alarm); yields each cell's index once the alarm has seen it."""
+    for index in order:
+        alarm.update([str(labels[index])], {k: v[index:index + 1] for k, v in values.items()})
+        yield index
+
+
+def checks_with_alarm(alarm: DomainAlarm, labels: Sequence[str], values: dict[str, np.ndarray],
+                      order: Iterable[int]) -> tuple[int, int]:
+    """(checks, checks with the alarm on) over a stream; a check is every cell from ``min_cells`` on."""
+    checks = alarms = 0
+    for _ in stream(alarm, labels, values, order):
+        if alarm.cells >= alarm.min_cells:
+            checks += 1
+            alarms += alarm.active
+    return checks, alarms

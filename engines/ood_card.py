@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.drift import DomainAlarm, Reference, features
+from edge.drift import DomainAlarm, Reference, features, stream
 from engines import pbc
 
 BEGIN = "<!-- cytoedge:out-of-domain:begin -->"
@@ -36,8 +36,7 @@ def alarm_stream(reference: Reference | None, labels: list[str], anomaly: np.nda
     for _ in range(orders):
         alarm = DomainAlarm(reference)
         on_at = None
-        for step, index in enumerate(rng.permutation(len(labels))):
-            alarm.update([labels[index]], {k: v[index:index + 1] for k, v in values.items()})
+        for step, index in enumerate(stream(alarm, labels, values, rng.permutation(len(labels)))):
             if alarm.active and on_at is None:
                 on_at = step + 1
             flagged += bool(alarm.flags_cells or review[index])
@@ -45,7 +44,7 @@ def alarm_stream(reference: Reference | None, labels: list[str], anomaly: np.nda
         first_on.append(on_at if on_at is not None else -1)
     never = sum(1 for x in first_on if x < 0)
     fired = [x for x in first_on if x > 0]
-    return {"orders": orders, "window": DomainAlarm(reference).window, "never_on": never,
+    return {"orders": orders, "window": alarm.window, "never_on": never,
             "cells_before_on_median": float(np.median(fired)) if fired else None,
             "cells_before_on_max": int(max(fired)) if fired else None,
             "flagged_share_with_alarm": round(flagged / total, 4)}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.drift import DomainAlarm, Reference, features
+from edge.drift import DomainAlarm, Reference, checks_with_alarm, features
 from edge.fileutil import atomic_write_bytes
 from edge.onnx_backend import OnnxRuntimeClassifier
 from engines.pbc import Sample, data_dir, load_crop_bgr, read_manifest, split_pbc
@@ -50,17 +50,14 @@ def false_alarm_rate(
     """Share of checks with the alarm on, over streams of held-out cells drawn with NORMAL_MIX."""
     rng = np.random.default_rng(seed)
     by_class = {c: np.flatnonzero(np.array(labels) == c) for c in NORMAL_MIX}
+    predicted, values = test
     checks = alarms = 0
     for _ in range(streams):
         alarm = DomainAlarm(reference, window=window, min_cells=min(30, window), alpha=alpha)
         classes = rng.choice(list(NORMAL_MIX), size=4 * window, p=list(NORMAL_MIX.values()))
-        for name in classes:
-            index = rng.choice(by_class[name])
-            predicted, values = test
-            alarm.update([str(predicted[index])], {k: v[index : index + 1] for k, v in values.items()})
-            if alarm.cells >= alarm.min_cells:
-                checks += 1
-                alarms += alarm.active
+        order = [rng.choice(by_class[name]) for name in classes]
+        n, on = checks_with_alarm(alarm, predicted, values, order)
+        checks, alarms = checks + n, alarms + on
     return alarms / max(checks, 1)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.drift import DomainAlarm, Reference, features
+from edge.drift import DomainAlarm, Reference, checks_with_alarm
 from edge.fileutil import atomic_write_bytes
 from edge.modelmeta import ModelMetadata
 from edge.onnx_backend import OnnxRuntimeClassifier
@@ -35,6 +35,7 @@ from engines.adapt import (
     save_weights,
 )
 from engines.baseline import BaselineCNN
+from engines.reference import cell_features
 
 FOLDS = 5
 MIN_LABELS_FOR_CV = 20
@@ -87,12 +88,8 @@ def alarm_self_check(labels: np.ndarray, values: dict[str, np.ndarray], ordered:
         except ValueError:  # too few cells per class in half of them to say anything
             return {"checks": 0, "alarm_share": None}
         for _ in range(streams):
-            alarm = DomainAlarm(reference)
-            for index in rng.permutation(held):
-                alarm.update([str(labels[index])], {k: v[index:index + 1] for k, v in values.items()})
-                if alarm.cells >= alarm.min_cells:
-                    checks += 1
-                    alarms += alarm.active
+            n, on = checks_with_alarm(DomainAlarm(reference), labels, values, rng.permutation(held))
+            checks, alarms = checks + n, alarms + on
     return {"checks": checks, "alarm_share": round(alarms / checks, 4) if checks else None}
 
 
@@ -101,11 +98,7 @@ def site_reference(model_path: Path, white_crops: np.ndarray) -> dict:
     (the alarm compares later cells with what this microscope looked like when the model was built),
     with its false-alarm share on held-out halves of those cells."""
     classifier = OnnxRuntimeClassifier(model_path, threads=1)
-    parts = [classifier.classify(white_crops[i:i + 256]) for i in range(0, len(white_crops), 256)]
-    probs = np.concatenate([p.probs for p in parts])
-    labels = np.array(classifier.metadata.classes)[probs.argmax(1)]
-    values = features(np.concatenate([p.anomaly for p in parts]), np.concatenate([p.uncertainty for p in parts]),
-                      white_crops)
+    labels, values = cell_features(classifier, white_crops)
     reference = Reference.from_samples(values, labels)
     return {**reference.to_json(), "model_sha256": classifier.sha256,
             "data": f"{len(white_crops)} white cells found in this site's recorded frames",
