@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 
 from edge.cellfinder import background_colour, cut_crops
+from edge.classifier import Predictions
 from edge.drift import load_reference
 from edge.onnx_backend import OnnxRuntimeClassifier
 from engines import evaluate, ood_card, pbc
@@ -136,16 +137,19 @@ def cut_field(image: np.ndarray, um_per_px: float, field_um: float, size: int) -
 
 
 # ---------------------------------------------------------------------------------------- metrics
-def score(model: OnnxRuntimeClassifier, crops: np.ndarray, labels: np.ndarray) -> dict:
-    """Balanced accuracy over the classes present, per-class recall, ECE, review share, predictions."""
+def score(model: OnnxRuntimeClassifier, crops: np.ndarray, labels: np.ndarray, pred: Predictions | None = None,
+          with_alarm: bool = False) -> dict:
+    """Balanced accuracy over the classes present, per-class recall, ECE, review share, predictions;
+    with ``with_alarm`` also the service's domain alarm over these cells (ood_card.alarm_stream).
+    ``pred``: the model's predictions for ``crops`` if already computed."""
     classes = model.metadata.classes
-    pred = model.classify(crops)
+    pred = model.classify(crops) if pred is None else pred
     predicted = pred.probs.argmax(1)
     metrics = evaluate.classification_metrics(predicted, labels, classes)
     review = (pred.uncertainty > REVIEW_UNCERTAINTY) | (pred.anomaly > REVIEW_ANOMALY)
     kept = ~review
     present = [c for c in classes if metrics["support"][c] > 0]
-    return {
+    result = {
         "n": len(labels),
         "accuracy": round(metrics["accuracy"], 4),
         "balanced_accuracy": round(metrics["balanced_accuracy"], 4),
@@ -157,15 +161,11 @@ def score(model: OnnxRuntimeClassifier, crops: np.ndarray, labels: np.ndarray) -
         "accuracy_not_reviewed": round(float((predicted[kept] == labels[kept]).mean()), 4) if kept.any() else None,
         "predicted": {c: int((predicted == i).sum()) for i, c in enumerate(classes)},
     }
-
-
-def alarm(model: OnnxRuntimeClassifier, crops: np.ndarray) -> dict | None:
-    """The service's domain alarm over these cells (see ood_card.alarm_stream), with the model's reference."""
-    reference = load_reference(model.path, model.metadata.reference, model.sha256)
-    pred = model.classify(crops)
-    labels = [model.metadata.classes[i] for i in pred.probs.argmax(1)]
-    review = (pred.uncertainty > REVIEW_UNCERTAINTY) | (pred.anomaly > REVIEW_ANOMALY)
-    return ood_card.alarm_stream(reference, labels, pred.anomaly, pred.uncertainty, crops, review)
+    if with_alarm:
+        reference = load_reference(model.path, model.metadata.reference, model.sha256)
+        result["alarm"] = ood_card.alarm_stream(reference, [classes[i] for i in predicted], pred.anomaly,
+                                                pred.uncertainty, crops, review)
+    return result
 
 
 def pbc_test(model: OnnxRuntimeClassifier, model_path: Path, pbc_root: Path | None) -> dict | None:
@@ -173,13 +173,14 @@ def pbc_test(model: OnnxRuntimeClassifier, model_path: Path, pbc_root: Path | No
     if pbc_root is None or not (pbc_root / "manifest.csv").is_file():
         return None
     _, images, labels = evaluate.test_split(model_path.parent, pbc_root)
-    result = score(model, images, labels)
+    pred = model.classify(images)
+    result = score(model, images, labels, pred)
     white = [model.metadata.classes.index(c) for c in ("neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil")
              if c in model.metadata.classes]
     mask = np.isin(labels, white)
-    five = score(model, images[mask], labels[mask])
-    result["white_five"] = {k: five[k] for k in ("n", "balanced_accuracy", "ece", "review_share")}
-    result["white_five"]["alarm"] = alarm(model, images[mask])
+    five = score(model, images[mask], labels[mask], Predictions(pred.probs[mask], pred.uncertainty[mask],
+                                                                pred.anomaly[mask]), with_alarm=True)
+    result["white_five"] = {k: five[k] for k in ("n", "balanced_accuracy", "ece", "review_share", "alarm")}
     return result
 
 
@@ -201,9 +202,8 @@ def evaluate_model(model_path: Path, root: Path, pbc_root: Path | None,
         labels = np.array([meta.classes.index(c.label) for c in chosen], np.int64)
         um = scales[domain]["um_per_px"]
         crops = np.stack([cut_field(im, um, meta.field_um, meta.input_size) for im in images])
-        result = score(model, crops, labels)
+        result = score(model, crops, labels, with_alarm=True)
         result["um_per_px"] = um
-        result["alarm"] = alarm(model, crops)
         result["sensitivity"] = {}
         for factor in SENSITIVITY:
             other = np.stack([cut_field(im, um * factor, meta.field_um, meta.input_size) for im in images])
