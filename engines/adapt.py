@@ -332,26 +332,18 @@ def experiment(model_onnx: Path, shots: tuple[int, ...], seeds: int, methods: li
     to choose between methods by, so that the test half is never used to choose."""
     from engines import colourmatch, evaluate, ood, pbc
 
-    root = ood.data_dir(None)
     base, meta = load_weights(model_onnx)
-    cells = [c for c in ood.read_manifest(root) if c.domain in ood.DOMAINS and c.label in meta.classes]
+    site_cells, scales = ood.domain_crops(meta.classes, meta.field_um, meta.input_size, domains or ood.DOMAINS)
     pbc_root = pbc.data_dir(None)
-    scales = ood.estimate_scales(root, cells, pbc_root)
     _, pbc_images, pbc_labels = evaluate.test_split(Path(model_onnx).parent, pbc_root)
     replay = replay_set(pbc_root, meta.classes, 50, meta.input_size)
-    import cv2
-
     report: dict = {"model": str(model_onnx), "scales": {d: s["um_per_px"] for d, s in scales.items()},
                     "epochs": epochs, "seeds": seeds, "methods": {m: asdict(METHODS[m]) for m in methods},
                     "threads": torch.get_num_threads(), "domains": {}}
     replay_stats = colourmatch.lab_stats(replay[0])
-    for domain in domains or ood.DOMAINS:
-        chosen = [c for c in cells if c.domain == domain]
-        labels = np.array([meta.classes.index(c.label) for c in chosen])
-        crops = np.stack([ood.cut_field(cv2.imread(str(root / c.path), cv2.IMREAD_COLOR), scales[domain]["um_per_px"],
-                                        meta.field_um, meta.input_size) for c in chosen])
+    for domain, (crops, labels) in site_cells.items():
         split_rng = np.random.default_rng(12345)
-        order = split_rng.permutation(len(chosen))
+        order = split_rng.permutation(len(labels))
         test, pool = order[: len(order) // 2], order[len(order) // 2:]
         # A fixed per-site colour transform, fitted on the pool's crops only, applied to every crop of the site.
         matched = colourmatch.match(crops, colourmatch.lab_stats(crops[pool]), replay_stats)

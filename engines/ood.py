@@ -136,6 +136,23 @@ def cut_field(image: np.ndarray, um_per_px: float, field_um: float, size: int) -
     return cut_crops(image, [(0, 0, w, h)], um_per_px, field_um, size)[0]
 
 
+def domain_crops(classes: list[str], field_um: float, size: int, domains: Sequence[str] = DOMAINS
+                 ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, dict]]:
+    """Each domain's cells (in manifest order) cut at its matched scale as the runtime would cut them,
+    with their labels as indices into ``classes``; and the scale estimates. Cells of classes the model
+    does not have are left out."""
+    root = data_dir(None)
+    cells = [c for c in read_manifest(root) if c.domain in DOMAINS and c.label in classes]
+    scales = estimate_scales(root, cells, pbc.data_dir(None))
+    out = {}
+    for domain in domains:
+        chosen = [c for c in cells if c.domain == domain]
+        crops = np.stack([cut_field(cv2.imread(str(root / c.path), cv2.IMREAD_COLOR), scales[domain]["um_per_px"],
+                                    field_um, size) for c in chosen])
+        out[domain] = (crops, np.array([classes.index(c.label) for c in chosen], np.int64))
+    return out, scales
+
+
 # ---------------------------------------------------------------------------------------- metrics
 def score(model: OnnxRuntimeClassifier, crops: np.ndarray, labels: np.ndarray, pred: Predictions | None = None,
           with_alarm: bool = False) -> dict:

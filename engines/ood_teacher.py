@@ -19,7 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 
@@ -31,20 +30,6 @@ from engines.diffusion import load_teacher, to_diffusion_space
 from engines.teacher import ScoreConfig, denoising_errors, squash, summarise
 
 WHITE = ("neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil")
-
-
-def domain_crops(size: int, classes: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Each wbc-shift domain's cells cut at the matched scale, with their labels (indices into ``classes``)."""
-    root = ood.data_dir(None)
-    cells = [c for c in ood.read_manifest(root) if c.domain in ood.DOMAINS and c.label in classes]
-    scales = ood.estimate_scales(root, cells, pbc.data_dir(None))
-    out = {}
-    for domain in ood.DOMAINS:
-        chosen = [c for c in cells if c.domain == domain]
-        crops = np.stack([ood.cut_field(cv2.imread(str(root / c.path), cv2.IMREAD_COLOR),
-                                        scales[domain]["um_per_px"], FIELD_UM, size) for c in chosen])
-        out[domain] = (crops, np.array([classes.index(c.label) for c in chosen], np.int64))
-    return out
 
 
 def teacher_scores(teacher: Path, crops: np.ndarray, timesteps: list[int], chunk: int = 32) -> tuple[np.ndarray, float]:
@@ -101,7 +86,11 @@ def main(argv: list[str] | None = None) -> int:
                     "anomaly": calib["primary_anomaly"], "pbc_test": figures(pbc_probs, pbc_lab["labels"], classes,
                                                                               pbc_review),
                     "domains": {}, "separation_auroc": {}}
-    domains = domain_crops(64, classes)
+    domains, _ = ood.domain_crops(classes, FIELD_UM, 64)
+    # Each comparison model on the teacher's very PBC white cells, once.
+    models = [OnnxRuntimeClassifier(path, threads=args.threads) for path in args.models]
+    homes = [model.classify(evaluate.test_split(path.parent, pbc.data_dir(None))[1][pbc_lab["index"]][white])
+             for model, path in zip(models, args.models, strict=True)]
     for domain, (crops, labels) in domains.items():
         errors, ms = teacher_scores(args.teacher, crops, timesteps)
         probs, anomaly, review = scored(errors)
@@ -110,10 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         positive = np.r_[np.zeros(int(white.sum()), bool), np.ones(len(labels), bool)]
         seps = {"teacher anomaly": auroc(np.r_[pbc_anomaly[white], anomaly], positive),
                 "teacher 1 - max posterior": auroc(np.r_[1 - pbc_probs[white].max(1), 1 - probs.max(1)], positive)}
-        for path in args.models:
-            model = OnnxRuntimeClassifier(path, threads=args.threads)
-            pbc_images = evaluate.test_split(path.parent, pbc.data_dir(None))[1]
-            home = model.classify(pbc_images[pbc_lab["index"]][white])  # the teacher's very cells
+        for model, home in zip(models, homes, strict=True):
             away = model.classify(crops)
             name = model.metadata.name
             seps[f"{name} 1 - max softmax"] = auroc(np.r_[1 - home.probs.max(1), 1 - away.probs.max(1)], positive)

@@ -42,7 +42,8 @@ from engines.adapt import (
     reestimate_batchnorm,
     replay_set,
 )
-from engines.ood_teacher import domain_crops, teacher_scores
+from engines.ood import domain_crops
+from engines.ood_teacher import teacher_scores
 from engines.teacher import summarise
 
 SPLIT_SEED = 12345  # engines.adapt.experiment's fixed test/pool split
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     setting = Setting(base, meta, replay_set(pbc_root, meta.classes, 50, meta.input_size), pbc_images, pbc_labels)
     report: dict = {"model": str(args.model), "method": "bn+all+replay on reviewer labels and/or pseudo-labels",
                     "gate": GATE, "seeds": args.seeds, "domains": {}}
-    for domain, (crops, labels) in domain_crops(meta.input_size, meta.classes).items():
+    for domain, (crops, labels) in domain_crops(meta.classes, meta.field_um, meta.input_size)[0].items():
         order = np.random.default_rng(SPLIT_SEED).permutation(len(labels))
         test, pool = order[: len(order) // 2], order[len(order) // 2:]
         errors, ms = teacher_scores(args.teacher, crops[pool], calib["timesteps"])
