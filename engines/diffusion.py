@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engines import pbc
-from engines.augment import augment_batch
+from engines.augment import PIPELINES, augment_batch
 from engines.baseline import TrainConfig, prepare_data
 
 T_STEPS = 1000
@@ -367,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--exclude", action="append", choices=pbc.CLASSES, help="hold a class out (repeatable)")
     p.add_argument("--no-resume", action="store_true")
-    p.add_argument("--augment", default="basic", help="engines.augment set applied to training crops")
+    p.add_argument("--augment", choices=["basic", *PIPELINES], default="basic",
+                   help="engines.augment set applied to training crops")
     p.add_argument("--init", default="", help="start from this teacher checkpoint's (EMA) weights")
     args = parser.parse_args(argv)
     overrides = dict(PRESETS[args.preset])
@@ -375,10 +376,6 @@ def main(argv: list[str] | None = None) -> int:
         overrides["minutes"] = args.minutes
     if args.max_steps is not None:
         overrides["max_steps"] = args.max_steps
-    from engines.augment import PIPELINES
-
-    if args.augment != "basic" and args.augment not in PIPELINES:
-        parser.error(f"--augment {args.augment!r}: expected basic or one of {', '.join(PIPELINES)}")
     cfg = DiffusionConfig(**overrides, seed=args.seed, threads=args.threads,
                           exclude_classes=sorted(args.exclude or []), augment=args.augment, init=args.init)
     root = pbc.data_dir(args.data)

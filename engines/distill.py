@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engines import pbc
+from engines.augment import PIPELINES, augment_batch
 from engines.baseline import FIELD_UM, INPUT_SIZE, BaselineCNN, TrainConfig, augment, normalise, prepare_data, to_tensor
 from engines.teacher import load_labels, squash, summarise
 
@@ -149,8 +150,6 @@ def train(root: Path, cfg: DistillConfig, labels_path: Path, calib_path: Path, o
                 continue
             batch = x_train[idx.numpy()]
             if cfg.augment != "basic":  # lab-to-lab variation (docs/robustness.md); same draws for a seed
-                from engines.augment import augment_batch
-
                 batch = augment_batch(batch, cfg.augment, np.random.default_rng([cfg.seed, epoch, step]))
             x = normalise(augment(to_tensor(batch), gen), data.mean, data.std)
             logits, unc, ano = model(x.contiguous(memory_format=torch.channels_last))
@@ -268,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--exclude", action="append", choices=pbc.CLASSES)
-    p.add_argument("--augment", default="basic", help="engines.augment set for lab-to-lab variation (default: none)")
+    p.add_argument("--augment", choices=["basic", *PIPELINES], default="basic",
+                   help="engines.augment set for lab-to-lab variation (default: none)")
     e = sub.add_parser("export", help="export the student to ONNX with calibrated metadata")
     e.add_argument("--data", default=None)
     e.add_argument("--student", type=Path, required=True)
@@ -288,10 +288,6 @@ def main(argv: list[str] | None = None) -> int:
         overrides["epochs"] = args.epochs
     if args.kl_weight is not None:
         overrides["kl_weight"] = args.kl_weight
-    from engines.augment import PIPELINES
-
-    if args.augment != "basic" and args.augment not in PIPELINES:
-        parser.error(f"--augment {args.augment!r}: expected basic or one of {', '.join(PIPELINES)}")
     cfg = DistillConfig(**overrides, seed=args.seed, threads=args.threads, init=args.init,
                         exclude_classes=sorted(args.exclude or []), augment=args.augment)
     train(root, cfg, args.labels, args.calib, args.out)
