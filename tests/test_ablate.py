@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from conftest import PBC_MINI
 
+pytest.importorskip("torch", reason="the ablation trains with torch (the [train] extra)")
+
 from engines import ablate, augment, baseline, pbc
 
 

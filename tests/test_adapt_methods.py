@@ -8,12 +8,13 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-import torch
 
-from edge.modelmeta import ModelMetadata
-from engines import colourmatch, selftrain
-from engines.adapt import METHODS, AdaptConfig, adapt_model, predict_probs, runs_at
-from engines.baseline import BaselineCNN
+torch = pytest.importorskip("torch", reason="adaptation trains with torch (the [train] extra)")
+
+from edge.modelmeta import ModelMetadata  # noqa: E402
+from engines import colourmatch, selftrain  # noqa: E402
+from engines.adapt import METHODS, AdaptConfig, adapt_model, predict_probs, runs_at  # noqa: E402
+from engines.baseline import BaselineCNN  # noqa: E402
 
 CLASSES = ["a", "b", "c", "d"]
 META = ModelMetadata(name="tiny", version="0", classes=CLASSES, input_size=16, mean=[0.5, 0.5, 0.5],
