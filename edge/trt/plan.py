@@ -44,6 +44,11 @@ ENV_OVERRIDES = {"precision": "CYTOEDGE_TRT_PRECISION", "engine_dir": "CYTOEDGE_
                  "build_if_missing": "CYTOEDGE_TRT_BUILD", "int8_onnx": "CYTOEDGE_TRT_INT8_ONNX"}
 
 
+class BackendUnavailable(ModelError):
+    """TensorRT or pycuda is not installed, or there is no usable GPU: the one reason the TensorRT
+    backend may be skipped (the contract suite skips on this and on nothing else)."""
+
+
 class EngineNeeded(ModelError):
     """No usable engine for the wanted key (missing, stale, corrupt, or TensorRT cannot deserialise it):
     what ``[tensorrt] build_if_missing`` turns into a build. ``force``: the file looked valid, so a build
@@ -90,7 +95,7 @@ def import_tensorrt() -> Any:
     try:
         import tensorrt
     except ImportError as exc:
-        raise ModelError(f"TensorRT is not importable ({exc.name}): {INSTALL_HINT}") from None
+        raise BackendUnavailable(f"TensorRT is not importable ({exc.name}): {INSTALL_HINT}") from None
     return tensorrt
 
 
@@ -99,15 +104,15 @@ def import_pycuda() -> Any:
     try:
         import pycuda.driver as cuda
     except ImportError as exc:
-        raise ModelError(f"pycuda is not importable ({exc.name}): {INSTALL_HINT}") from None
+        raise BackendUnavailable(f"pycuda is not importable ({exc.name}): {INSTALL_HINT}") from None
     try:
         cuda.init()
         if cuda.Device.count() < 1:
-            raise ModelError("pycuda sees no CUDA device (is the GPU visible to this user / service?)")
+            raise BackendUnavailable("pycuda sees no CUDA device (is the GPU visible to this user / service?)")
     except ModelError:
         raise
     except Exception as exc:  # pycuda raises its own error types
-        raise ModelError(f"CUDA cannot start: {exc}") from None
+        raise BackendUnavailable(f"CUDA cannot start: {exc}") from None
     return cuda
 
 
