@@ -13,6 +13,7 @@ them for any other model. The file names are ``edge.trt.plan``'s, the builder's 
 
     python -m calibration.int8 build       # calibration set (.npz + manifest) and the Q/DQ model
     python -m calibration.int8 evaluate    # fp32 vs int8 on the PBC test split -> report.md/.json
+    python -m calibration.int8 bundled     # fp32 vs int8 on the bundled BCCD frames' cells -> bundled.json
 """
 
 from __future__ import annotations
@@ -310,6 +311,60 @@ def evaluate(fp32: Path, int8: Path, images: np.ndarray, labels: np.ndarray, cla
     }
 
 
+DECISIVE_MARGIN = 0.2
+SAMPLES = REPO / "samples" / "bccd"
+
+
+def bundled_agreement(fp32: Path, int8: Path, samples: Path = SAMPLES, um_per_px: float = BCCD_UM_PER_PX,
+                      threads: int = 2) -> dict[str, Any]:
+    """fp32 vs int8 top-1 agreement on every cell the runtime classifies in the bundled BCCD frames (another
+    microscope), counted per kind (white cells, platelets), overall and where fp32 is decisive (top-two
+    probability margin > DECISIVE_MARGIN): the figures docs/tensorrt.md quotes."""
+    import cv2
+
+    from edge.analysis import CLASSIFIED_KINDS
+    from edge.cellfinder import cut_crops, find_cells
+    from edge.onnx_backend import OnnxRuntimeClassifier
+
+    reference = OnnxRuntimeClassifier(fp32, threads=threads)
+    meta = reference.metadata
+    crops, kinds = [], []
+    for path in sorted(samples.glob("*.jpg")):
+        image = cv2.imread(str(path))
+        found = [d for d in find_cells(image, um_per_px) if d.kind in CLASSIFIED_KINDS]
+        crops.append(cut_crops(image, [d.bbox for d in found], um_per_px, meta.field_um, meta.input_size))
+        kinds.extend(d.kind for d in found)
+    images, kind = np.concatenate(crops), np.array(kinds)
+    a, b = reference.classify(images).probs, OnnxRuntimeClassifier(int8, threads=threads).classify(images).probs
+    agree = a.argmax(1) == b.argmax(1)
+    top_two = np.sort(a, axis=1)[:, -2:]
+    decisive = top_two[:, 1] - top_two[:, 0] > DECISIVE_MARGIN
+
+    def counts(mask: np.ndarray) -> dict[str, Any]:
+        return {"cells": int(mask.sum()), "agree": int(agree[mask].sum()), "decisive": int((mask & decisive).sum()),
+                "decisive_agree": int(agree[mask & decisive].sum()),
+                "mean_abs_prob_diff": round(float(np.abs(a - b)[mask].mean()), 4) if mask.any() else None}
+
+    return {
+        "command": "python -m calibration.int8 bundled",
+        "frames": len(list(samples.glob("*.jpg"))), "um_per_px": um_per_px, "decisive_margin": DECISIVE_MARGIN,
+        "fp32_sha256": file_sha256(fp32), "int8_sha256": file_sha256(int8),
+        "all": counts(np.ones(len(kind), bool)),
+        **{k: counts(kind == k) for k in CLASSIFIED_KINDS},
+    }
+
+
+def render_bundled(result: dict[str, Any]) -> str:
+    """One line per group, the wording docs/tensorrt.md uses."""
+    lines = []
+    for group, name in (("wbc", "white cells"), ("platelet", "platelets"), ("all", "all classified cells")):
+        c = result[group]
+        lines.append(f"{name}: int8 agrees with fp32 on {c['agree']} of {c['cells']}; where fp32 is decisive "
+                     f"(margin > {result['decisive_margin']}): {c['decisive_agree']} of {c['decisive']}; mean "
+                     f"|dp| {c['mean_abs_prob_diff']}")
+    return "\n".join(lines)
+
+
 def render_report(report: dict[str, Any], manifest: dict[str, Any]) -> str:
     """The Markdown twin of report.json, for reviewers."""
     pct = lambda v: f"{v * 100:.2f}%"  # noqa: E731
@@ -367,7 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from edge.models import default_model_path
 
     parser = argparse.ArgumentParser(prog="python -m calibration.int8", description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["build", "evaluate"])
+    parser.add_argument("command", choices=["build", "evaluate", "bundled"])
     parser.add_argument("--model", type=Path, default=None, help="fp32 ONNX (default: the bundled default model)")
     parser.add_argument("--out", type=Path, default=OUT_DIR, help="output folder (default calibration/int8)")
     parser.add_argument("--data", type=Path, default=None, help="PBC folder (default ../shared/data/pbc)")
@@ -388,6 +443,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"calibration set {manifest['shape']} ({manifest['npz_bytes']:,} bytes) -> {args.out / CALIBRATION_NPZ}")
         print(f"Q/DQ model ({qdq.stat().st_size:,} bytes, sha256 {file_sha256(qdq)[:16]}) -> {qdq}")
         print(f"done in {time.perf_counter() - started:.1f} s")
+        return 0
+    if args.command == "bundled":
+        result = bundled_agreement(model, qdq, threads=args.threads)
+        atomic_write_bytes(args.out / "bundled.json", (json.dumps(result, indent=1) + "\n").encode())
+        print(render_bundled(result))
         return 0
     from engines.evaluate import test_split
 

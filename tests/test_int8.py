@@ -132,3 +132,17 @@ def test_make_qdq_end_to_end_on_a_small_set(tmp_path: Path, sample_crops: np.nda
     props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert props[plan.QDQ_SOURCE_KEY] == file_sha256(default_model_path())
     assert not list(tmp_path.glob("tmp*"))  # the work folder is gone
+
+
+def test_bundled_frame_figures_are_what_the_command_computes_and_what_the_docs_quote() -> None:
+    """docs/tensorrt.md's figure on the bundled BCCD cells comes from `python -m calibration.int8 bundled`,
+    counted per kind: recomputed here, compared with the committed bundled.json and with the page."""
+    committed = json.loads((int8.OUT_DIR / "bundled.json").read_text())
+    fresh = int8.bundled_agreement(default_model_path(), QDQ, threads=1)
+    for group in ("all", "wbc", "platelet"):
+        assert fresh[group] == committed[group], group
+    assert fresh["all"]["cells"] == fresh["wbc"]["cells"] + fresh["platelet"]["cells"]
+    assert committed["int8_sha256"] == file_sha256(QDQ)
+    page = (Path(__file__).resolve().parents[1] / "docs" / "tensorrt.md").read_text()
+    for line in int8.render_bundled(committed).splitlines():
+        assert line in page, line
