@@ -3,7 +3,7 @@
     python -m engines.ood engines/models/baseline-cnn/model.onnx [--out ood.json]
 
 Data: ``wbc-shift/`` (tecom: Motic camera, rapid stain, 120 px crops; cellavision-blog: 300 px
-CellaVision crops); see /work/shared/data/README.md. Neither set states its µm/px, so, as the runtime
+CellaVision crops); see ../shared/data/README.md. Neither set states its µm/px, so, as the runtime
 must at a new microscope, the scale is matched first by cell size (:func:`estimate_scales`), then
 the model's own field (36 µm) is cut around the crop centre with the runtime's ``cut_crops``
 (padding with the background colour) and classified through the runtime's ONNX backend. The same

@@ -78,7 +78,8 @@ def _adaptation_rows(adaptation: dict) -> list[str]:
 
 def _teacher_rows(teacher: dict) -> list[str]:
     rows = ["", "### The diffusion teacher on the same cells", "",
-            f"Scored with its own code (`python -m engines.ood_teacher`, K = {len(teacher['timesteps'])} timesteps, "
+            f"Scored with its own code (`python -m engines.experiments.ood_teacher`, "
+            f"K = {len(teacher['timesteps'])} timesteps, "
             f"τ {teacher['tau']:.4g}, anomaly `{teacher['anomaly']}`), on the same crops; PBC from its test-split run.",
             "", "| data | n | balanced accuracy | ECE | mean confidence | sent to review |",
             "|---|---|---|---|---|---|"]

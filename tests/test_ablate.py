@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from conftest import PBC_MINI
 
-from engines import ablate, augment, baseline, pbc
+from engines import augment, baseline, pbc
+from engines.experiments import ablate
 
 
 def real_crops(n: int = 4) -> np.ndarray:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from conftest import smoke_pbc_root
 
+from calibration.temperature import fit_temperature
 from edge.classifier import preprocess
 from edge.modelmeta import METADATA_KEY, file_sha256, parse_metadata
 from engines import evaluate, pbc
@@ -152,7 +153,7 @@ def test_temperature_fit_recovers_known_temperature(true_t: float) -> None:
     probs = np.exp(logits / true_t)
     probs /= probs.sum(axis=1, keepdims=True)
     labels = (probs.cumsum(axis=1) > rng.random((len(probs), 1))).argmax(axis=1)
-    assert evaluate.fit_temperature(logits.astype(np.float32), labels) == pytest.approx(true_t, rel=0.05)
+    assert fit_temperature(logits.astype(np.float32), labels) == pytest.approx(true_t, rel=0.05)
 
 
 def test_ece_and_brier_of_perfect_predictions() -> None:

@@ -1,7 +1,7 @@
 """Training a site model on the site's *unlabelled* crops, after batch-norm re-estimation.
 
-Two source-free methods from the domain-adaptation literature, measured by ``python -m engines.adapt
-experiment`` (results: docs/adapt-unsupervised.json):
+Two source-free methods from the domain-adaptation literature, measured by
+``python -m engines.experiments.adapt_methods`` (results: results/adapt-unsupervised.json):
 
 * **information maximisation** (SHOT-IM, Liang et al. 2020): make each crop's prediction confident
   (low per-crop entropy) while keeping the batch's mean prediction spread over the classes (high entropy
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edge.modelmeta import ModelMetadata
-from engines.adapt import AdaptConfig, _balanced_order, fine_tune, predict_probs
+from engines.adapt import AdaptConfig, balanced_order, fine_tune, predict_probs
 from engines.baseline import BaselineCNN, augment, normalise, to_tensor
 
 
@@ -76,7 +76,7 @@ def information_maximisation(model: BaselineCNN, crops_bgr: np.ndarray, meta: Mo
     steps_per_epoch = math.ceil(len(crops_bgr) / batch)
     replay_order = None
     if replay is not None and len(replay[1]):
-        replay_order = _balanced_order(replay[1], cfg.im_epochs * steps_per_epoch, batch, rng)
+        replay_order = balanced_order(replay[1], cfg.im_epochs * steps_per_epoch, batch, rng)
         replay_y = torch.from_numpy(replay[1].astype(np.int64))
     model.eval()
     step = 0
