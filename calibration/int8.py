@@ -6,7 +6,10 @@ same INT8 model can be checked here with ONNX Runtime on the CPU and then built 
 version >= 10) into an engine whose INT8 scales are the ones measured here.
 
 The same calibration set also feeds TensorRT 10's ``IInt8EntropyCalibrator2`` (edge.trt.builder),
-so both INT8 routes see identical data. Commands::
+so both INT8 routes see identical data. Both outputs are bound to the fp32 model they were made from (the
+manifest's ``model_sha256``, the Q/DQ model's ``cytoedge.source_sha256`` metadata): the builder refuses
+them for any other model. The file names are ``edge.trt.plan``'s, the builder's side of the contract
+(this offline tool imports the runtime package, never the other way round). Commands::
 
     python -m calibration.int8 build       # calibration set (.npz + manifest) and the Q/DQ model
     python -m calibration.int8 evaluate    # fp32 vs int8 on the PBC test split -> report.md/.json
@@ -31,17 +34,18 @@ import numpy as np
 from edge.classifier import preprocess
 from edge.fileutil import atomic_write_bytes
 from edge.modelmeta import ModelMetadata, file_sha256
+from edge.trt import plan
 
 REPO = Path(__file__).resolve().parent.parent
 OUT_DIR = REPO / "calibration" / "int8"
-CALIBRATION_NPZ = "calibration-set.npz"
-CALIBRATION_MANIFEST = "calibration-set.json"
-QDQ_NAME = "model.int8.qdq.onnx"
+CALIBRATION_NPZ = plan.CALIBRATION_NPZ
+CALIBRATION_MANIFEST = plan.CALIBRATION_MANIFEST
+QDQ_NAME = plan.QDQ_NAME
 PBC_PER_CLASS = 40
 BCCD_CROPS = 80
 BCCD_UM_PER_PX = 0.075
 MAX_COMMITTED_NPZ = 3 * 1024 * 1024
-BUILD_COMMAND = "python -m calibration.int8 build"
+BUILD_COMMAND = plan.INT8_BUILD_COMMAND
 GOAL_AGREEMENT = 0.99
 GOAL_MAX_LOSS_POINTS = 0.5
 
@@ -210,14 +214,18 @@ class CropReader:
 
 
 def copy_metadata(source: Path, target: Path) -> None:
-    """Give the Q/DQ model the fp32 model's metadata_props (the runtime refuses a model without them)."""
+    """Give the Q/DQ model the fp32 model's metadata_props (the runtime refuses a model without them) and
+    the fp32 model's sha256 under ``cytoedge.source_sha256``, which the TensorRT builder checks so a Q/DQ
+    model is never built in place of another network."""
     import onnx
 
     original = onnx.load(str(source), load_external_data=False)
     model = onnx.load(str(target))
     del model.metadata_props[:]
     for prop in original.metadata_props:
-        model.metadata_props.add(key=prop.key, value=prop.value)
+        if prop.key != plan.QDQ_SOURCE_KEY:
+            model.metadata_props.add(key=prop.key, value=prop.value)
+    model.metadata_props.add(key=plan.QDQ_SOURCE_KEY, value=file_sha256(source))
     model.doc_string = (original.doc_string + "\n" if original.doc_string else "") + (
         f"INT8 Q/DQ of sha256 {file_sha256(source)} by calibration.int8 (onnxruntime.quantization.quantize_static)"
     )

@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_build_arguments(build)
     _add_config_flag(build)
-    build.set_defaults(handler=_lazy("edge.trt.builder", "main"))
+    build.set_defaults(handler=_lazy("edge.commands.engine_cmds", "build"))
 
     doctor = commands.add_parser(
         "doctor", help="versions, GPU, cameras, model, engine cache; exit 1 if the configured backend cannot run"

@@ -167,8 +167,8 @@ def model_and_backend(config: dict[str, Any]) -> list[Line]:
 
 
 def _tensorrt(path: Path, section: dict[str, Any] | None) -> list[Line]:
-    from edge.trt import builder, cache
-    from edge.trt.backend import settings_from
+    from edge.trt import cache, plan
+    from edge.trt.plan import settings_from
 
     try:
         settings = settings_from(section)
@@ -177,13 +177,13 @@ def _tensorrt(path: Path, section: dict[str, Any] | None) -> list[Line]:
     engine_dir = settings["engine_dir"]
     lines = [Line("engines", f"{engine_dir}: " + (", ".join(_describe_engines(engine_dir)) or "none cached"))]
     try:
-        facts = builder.device_facts()
-        plan = builder.make_key(path, settings["precision"], settings["opt_batch"], settings["max_batch"], facts,
-                                settings["int8_onnx"])
+        facts = plan.device_facts()
+        wanted = plan.make_key(path, settings["precision"], settings["opt_batch"], settings["max_batch"], facts,
+                               settings["int8_onnx"])
     except CytoedgeError as exc:
         return [*lines, Line("backend", f"tensorrt cannot run here: {exc}", ok=False, blocking=True)]
-    command = cache.rebuild_command(path, plan.key, engine_dir, settings["int8_onnx"])
-    state = cache.find(engine_dir, plan.key, command)
+    command = cache.rebuild_command(path, wanted.key, engine_dir, settings["int8_onnx"])
+    state = cache.find(engine_dir, wanted.key, command)
     if state.ok:
         return [*lines, Line("backend", f"tensorrt {settings['precision']}: engine ok ({state.path})")]
     if settings["build_if_missing"] and state.status in ("missing", "mismatch", "corrupt"):
@@ -201,7 +201,8 @@ def _describe_engines(engine_dir: Path) -> list[str]:
             header, _ = cache.read_header(engine)
             key = header["key"]
             described.append(f"{engine.name} (TensorRT {key['tensorrt_version']}, {key['gpu_name']}, "
-                             f"{key['precision']}, batch {key['min_batch']}/{key['opt_batch']}/{key['max_batch']})")
+                             f"{key['precision']}, batch {key['min_batch']}/{key['opt_batch']}/{key['max_batch']}, "
+                             f"{key.get('sm_count', '?')} SMs)")
         except (OSError, ValueError) as exc:
             described.append(f"{engine.name} (unreadable: {exc})")
     return described

@@ -3,6 +3,7 @@ else the bundled default."""
 
 from __future__ import annotations
 
+import logging
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,8 @@ from typing import Any
 from edge.classifier import Classifier
 from edge.errors import ConfigError, ModelError
 from edge.modelstore import ModelStore, store_dir
+
+log = logging.getLogger(__name__)
 
 
 def bundled_models_dir() -> Path:
@@ -42,13 +45,47 @@ def open_classifier(
     tensorrt: dict[str, Any] | None = None,
     store: str | Path | None = None,
 ) -> Classifier:
+    """The one place a configured classifier is opened (the service, its reloads and the commands)."""
     path = resolve_model_path(configured, store)
     if backend == "onnxruntime":
         from edge.onnx_backend import OnnxRuntimeClassifier
 
         return OnnxRuntimeClassifier(path, threads)
     if backend == "tensorrt":
-        from edge.trt.backend import open_tensorrt
-
-        return open_tensorrt(path, tensorrt)
+        return open_tensorrt_building(path, tensorrt)
     raise ConfigError(f"model.backend = {backend!r} is not allowed; expected 'onnxruntime' or 'tensorrt'")
+
+
+def open_tensorrt_building(path: Path, section: dict[str, Any] | None) -> Classifier:
+    """The TensorRT engine for ``path``; with ``build_if_missing``, an engine that is missing, stale or that
+    TensorRT cannot deserialise is built (minutes) and opened. The runtime and the builder never import each
+    other: this is where the two meet."""
+    from edge.trt.backend import open_tensorrt
+    from edge.trt.plan import EngineNeeded, settings_from
+
+    settings = settings_from(section)
+    try:
+        return open_tensorrt(path, settings)
+    except EngineNeeded as exc:
+        if not settings["build_if_missing"]:
+            raise
+        log.warning("%s; building it now (minutes)", exc)
+        from edge.trt.builder import build_engine
+
+        build_engine(path, settings["engine_dir"], settings["precision"], settings["opt_batch"],
+                     settings["max_batch"], settings["workspace_mb"], settings["timing_cache"], settings["int8_onnx"],
+                     say=log.info, force=exc.force)
+    return open_tensorrt(path, settings)
+
+
+def close_classifier(classifier: object) -> None:
+    """Release what a classifier holds (TensorRT: device and pinned memory, the CUDA context; ONNX Runtime:
+    its session). Backends without ``close`` need nothing; errors are logged, never raised, because this
+    runs on the way out of a swap or a shutdown."""
+    close = getattr(classifier, "close", None)
+    if close is None:
+        return
+    try:
+        close()
+    except Exception:
+        log.exception("closing classifier %s failed", getattr(classifier, "model_id", classifier))

@@ -63,6 +63,14 @@ class OnnxRuntimeClassifier:
         check_batch(crops_bgr, size)
         if len(crops_bgr) == 0:
             return Predictions.empty(len(self.metadata.classes))
+        session = self._session
+        if session is None:
+            raise ModelError(f"classifier for {self.path} is closed")
         feed = {self.metadata.input_name: preprocess(crops_bgr, self.metadata)}
-        values = self._session.run(self._outputs, feed)
+        values = session.run(self._outputs, feed)
         return scores_from_outputs(dict(zip(self._outputs, values, strict=True)), self.metadata)
+
+    def close(self) -> None:
+        """Drop the session (its memory and thread pool) now rather than at garbage collection; the service
+        calls this on the classifier a reload replaced and at shutdown, as for every backend."""
+        self._session = None

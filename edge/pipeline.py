@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from edge.analysis import classify_detections
+from edge.analysis import CLASSIFIED_KINDS, classify_detections
 from edge.annotate import preview_jpeg, thumb_jpeg
 from edge.audit import AuditLog
 from edge.cellfinder import FinderParams, find_cells
@@ -235,9 +235,12 @@ class Pipeline:
             self.counters.last_rejection = problem
             self._progress()
             return None
-        if len(detections) > settings.max_cells:
-            self.counters.truncated_cells += len(detections) - settings.max_cells
-            detections = detections[: settings.max_cells]
+        # The cap bounds what is classified: red cells are only counted, so they never use it up.
+        over = [i for i, d in enumerate(detections) if d.kind in CLASSIFIED_KINDS][settings.max_cells :]
+        if over:
+            self.counters.truncated_cells += len(over)
+            dropped = set(over)
+            detections = [d for i, d in enumerate(detections) if i not in dropped]
         detected = time.monotonic()
         cells, crops = classify_detections(
             frame.image,

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from conftest import PBC_MINI
 
+pytest.importorskip("torch", reason="the ablation trains with torch (the [train] extra)")
+
 from engines import augment, baseline, pbc
 from engines.experiments import ablate
 

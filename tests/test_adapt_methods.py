@@ -8,14 +8,15 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-import torch
 
-from edge.modelmeta import ModelMetadata
-from engines.adapt import predict_probs, runs_at
-from engines.baseline import BaselineCNN
-from engines.experiments import colourmatch, selftrain
-from engines.experiments.adapt_methods import METHODS, adapt_with_method
-from engines.experiments.adapt_methods import MethodConfig as AdaptConfig
+torch = pytest.importorskip("torch", reason="adaptation trains with torch (the [train] extra)")
+
+from edge.modelmeta import ModelMetadata  # noqa: E402
+from engines.adapt import predict_probs, runs_at  # noqa: E402
+from engines.baseline import BaselineCNN  # noqa: E402
+from engines.experiments import colourmatch, selftrain  # noqa: E402
+from engines.experiments.adapt_methods import METHODS, adapt_with_method  # noqa: E402
+from engines.experiments.adapt_methods import MethodConfig as AdaptConfig  # noqa: E402
 
 CLASSES = ["a", "b", "c", "d"]
 META = ModelMetadata(name="tiny", version="0", classes=CLASSES, input_size=16, mean=[0.5, 0.5, 0.5],

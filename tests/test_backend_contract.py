@@ -1,10 +1,17 @@
 """One contract for every classifier backend: run against each backend that can run here.
 
-ONNX Runtime always runs; TensorRT cases skip with the reason when TensorRT, pycuda or a GPU is absent.
+ONNX Runtime always runs; TensorRT cases skip with the reason when TensorRT, pycuda or a GPU is absent,
+and only then: any other failure to open the backend (a bad engine, a refused Q/DQ model, a config
+error) is a test error, so a TensorRT bug on a Jetson never shows as "skipped".
+
+The self-test (deploy/jetson-selftest.sh) runs the whole suite once per engine: ``CYTOEDGE_TEST_MODEL``
+names the model (default: the bundled one), ``CYTOEDGE_TRT_*`` the engine. fp32 must match ONNX Runtime to
+1e-4; fp16/int8 engines must agree on the top class wherever ONNX Runtime is decisive.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import cv2
@@ -15,9 +22,16 @@ from conftest import SAMPLES
 from edge.analysis import classify_detections
 from edge.cellfinder import find_cells
 from edge.classifier import Classifier
+from edge.errors import ConfigError
 from edge.models import default_model_path, open_classifier
+from edge.trt.plan import BackendUnavailable, settings_from
 
-FP32_TOLERANCE = 1e-4
+MODEL = Path(os.environ.get("CYTOEDGE_TEST_MODEL") or default_model_path())
+# Largest probability difference allowed, per precision: against ONNX Runtime for fp32, and between batch
+# sizes of the same engine for every precision (other batch sizes may pick other kernels).
+TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "int8": 5e-2}
+DECISIVE_MARGIN = 0.2  # fp16/int8 must agree on the top class where ONNX Runtime's top two differ this much
+MIN_AGREEMENT = 0.99
 
 
 def available_backends() -> list:  # type: ignore[type-arg]
@@ -38,17 +52,41 @@ def available_backends() -> list:  # type: ignore[type-arg]
     return params
 
 
+def open_backend(name: str) -> Classifier:
+    """The backend under test; skipped only when its runtime or GPU is absent, never for another error."""
+    try:
+        return open_classifier(MODEL, name, threads=2)
+    except BackendUnavailable as exc:
+        pytest.skip(f"{name} cannot run here: {exc}")
+
+
+def precision_of(name: str) -> str:
+    return "fp32" if name == "onnxruntime" else settings_from(None)["precision"]
+
+
 @pytest.fixture(scope="module")
 def reference() -> Classifier:
-    return open_classifier(None, "onnxruntime", threads=1)
+    return open_classifier(MODEL, "onnxruntime", threads=1)
 
 
 @pytest.fixture(scope="module", params=available_backends())
 def backend(request: pytest.FixtureRequest) -> Classifier:
+    classifier = open_backend(request.param)
+    classifier.contract_precision = precision_of(request.param)  # type: ignore[attr-defined]
+    return classifier
+
+
+def test_only_a_missing_runtime_or_gpu_is_a_skip(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CYTOEDGE_TRT_PRECISION", "fp8")  # a real failure to open, not a missing runtime
+    with pytest.raises(ConfigError, match="fp8"):
+        open_backend("tensorrt")
+    monkeypatch.delenv("CYTOEDGE_TRT_PRECISION")
     try:
-        return open_classifier(None, request.param, threads=2)
-    except Exception as exc:  # a backend that cannot start on this machine is a skip, with its reason
-        pytest.skip(f"{request.param} cannot run here: {exc}")
+        import pycuda.driver  # noqa: F401
+        import tensorrt  # noqa: F401
+    except ImportError:
+        with pytest.raises(pytest.skip.Exception, match="not importable"):
+            open_backend("tensorrt")
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +109,21 @@ def test_same_crops_give_the_reference_probabilities(
 ) -> None:
     expected = reference.classify(crops)
     got = backend.classify(crops)
-    np.testing.assert_allclose(got.probs, expected.probs, atol=FP32_TOLERANCE)
-    assert (got.probs.argmax(1) == expected.probs.argmax(1)).all()
-    np.testing.assert_allclose(got.uncertainty, expected.uncertainty, atol=FP32_TOLERANCE)
-    np.testing.assert_allclose(got.anomaly, expected.anomaly, atol=FP32_TOLERANCE)
+    precision = backend.contract_precision  # type: ignore[attr-defined]
+    if precision == "fp32":
+        tolerance = TOLERANCE["fp32"]
+        np.testing.assert_allclose(got.probs, expected.probs, atol=tolerance)
+        assert (got.probs.argmax(1) == expected.probs.argmax(1)).all()
+        np.testing.assert_allclose(got.uncertainty, expected.uncertainty, atol=tolerance)
+        np.testing.assert_allclose(got.anomaly, expected.anomaly, atol=tolerance)
+        return
+    # Reduced precision: the same answer wherever the reference is decisive, probabilities close on average.
+    top_two = np.sort(expected.probs, axis=1)[:, -2:]
+    decisive = top_two[:, 1] - top_two[:, 0] > DECISIVE_MARGIN
+    agree = got.probs.argmax(1) == expected.probs.argmax(1)
+    assert decisive.sum() >= 20
+    assert agree[decisive].mean() >= MIN_AGREEMENT, f"{precision}: top-1 agreement {agree[decisive].mean():.3f}"
+    assert np.abs(got.probs - expected.probs).mean() < 0.02
 
 
 @pytest.mark.parametrize("size", [1, 2, 7, 16, 64])
@@ -82,9 +131,10 @@ def test_every_batch_size_gives_the_same_answer_per_crop(backend: Classifier, cr
     batch = np.resize(crops, (size, *crops.shape[1:]))
     whole = backend.classify(batch)
     assert whole.probs.shape == (size, len(backend.metadata.classes))
+    tolerance = TOLERANCE[backend.contract_precision]  # type: ignore[attr-defined]
     for index in (0, size - 1):
         single = backend.classify(batch[index : index + 1])
-        np.testing.assert_allclose(single.probs[0], whole.probs[index], atol=FP32_TOLERANCE)
+        np.testing.assert_allclose(single.probs[0], whole.probs[index], atol=tolerance)
 
 
 def test_outputs_are_probabilities_and_unit_scores(backend: Classifier, crops: np.ndarray) -> None:
@@ -114,4 +164,4 @@ def test_wrong_input_is_refused_with_a_clear_error(backend: Classifier, bad: np.
 def test_model_identity_carries_the_file_checksum(backend: Classifier) -> None:
     from edge.modelmeta import file_sha256
 
-    assert backend.model_id.endswith("@" + file_sha256(Path(default_model_path()))[:12])
+    assert backend.model_id.endswith("@" + file_sha256(MODEL)[:12])

@@ -17,6 +17,7 @@ from edge.cellfinder import cut_crops, find_cells
 from edge.modelmeta import METADATA_KEY, file_sha256
 from edge.models import default_model_path
 from edge.onnx_backend import OnnxRuntimeClassifier
+from edge.trt import plan
 
 QDQ = int8.OUT_DIR / int8.QDQ_NAME
 
@@ -127,4 +128,7 @@ def test_make_qdq_end_to_end_on_a_small_set(tmp_path: Path, sample_crops: np.nda
     out = int8.make_qdq(default_model_path(), cal, tmp_path / "q.onnx", method="MinMax")
     classifier = OnnxRuntimeClassifier(out, threads=1)
     assert classifier.classify(sample_crops[:4]).probs.shape == (4, len(classifier.metadata.classes))
+    # Bound to the model it was made from: the TensorRT builder refuses it for any other network.
+    props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert props[plan.QDQ_SOURCE_KEY] == file_sha256(default_model_path())
     assert not list(tmp_path.glob("tmp*"))  # the work folder is gone

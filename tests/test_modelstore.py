@@ -7,7 +7,6 @@ import dataclasses
 import json
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from conftest import REPO, run_cli
@@ -197,20 +196,34 @@ def test_config_model_store_must_be_a_string(tmp_path: Path) -> None:
 
 
 def test_service_reload_swaps_in_a_newly_used_site_model_with_the_config_unchanged(
-    store: ModelStore, monkeypatch: pytest.MonkeyPatch
+    store: ModelStore, monkeypatch: pytest.MonkeyPatch, endpoint: str
 ) -> None:
-    from edge.commands.pipeline_cmds import reload
+    import threading
+
+    from edge.pipeline import Pipeline, Settings
+    from edge.publisher import Publisher
+    from edge.replay import ReplaySource
+    from edge.service import Reloader
 
     monkeypatch.setenv("CYTOEDGE_MODEL_STORE", str(store.root))
     config = cfg.load(None)
-    swaps: list[dict[str, object]] = []
     running = open_classifier(None, "onnxruntime", 1)
-    pipeline = SimpleNamespace(classifier=running, request_swap=lambda **kw: swaps.append(kw))
-    reload(pipeline, None, config, object())  # type: ignore[arg-type]
-    assert swaps[-1]["classifier"] is None  # nothing changed: the running model stays
-    store.use("site-a")
-    reload(pipeline, None, config, object())  # type: ignore[arg-type]
-    assert swaps[-1]["classifier"].path == store.root / "site-a" / "model.onnx"  # type: ignore[union-attr]
+    source = ReplaySource(REPO / "samples" / "bccd", pace="recorded", fps=20, loop=True)
+    pipeline = Pipeline(source, running, Publisher(endpoint), Settings.from_config(config))
+    runner = threading.Thread(target=pipeline.run)
+    runner.start()
+    reloader = Reloader(pipeline, None, config)
+    try:
+        reloader.reload_once()
+        assert pipeline.classifier is running  # nothing changed: the running model stays
+        store.use("site-a")
+        reloader.reload_once()
+        assert pipeline.classifier.path == store.root / "site-a" / "model.onnx"
+    finally:
+        reloader.close()
+        pipeline.request_stop()
+        runner.join(30)
+        pipeline.publisher.close()
 
 
 def test_cli_use_list_rollback_end_to_end(store: ModelStore) -> None:

@@ -19,12 +19,14 @@ from conftest import REPO, SAMPLES
 
 from edge import config as cfg
 from edge.client import Subscriber
+from edge.errors import ModelError
 from edge.messages import TOPIC_CELLS
-from edge.models import open_classifier
+from edge.models import bundled_models_dir, open_classifier
 from edge.pipeline import Pipeline, Settings
 from edge.publisher import Publisher
 from edge.replay import ReplaySource
 from edge.sdnotify import Notifier
+from edge.service import Reloader, run_pipeline
 
 
 class SystemdSide:
@@ -258,3 +260,115 @@ def test_sighup_swaps_config_without_a_seq_gap_and_rejects_a_bad_one(
     assert not any(any(flags) for flags in classified[:5]), "thresholds of 1.0 send nothing to review"
     assert all(all(flags) for flags in classified[-5:] if flags), "new thresholds of 0.0 send every cell to review"
     assert systemd.times("RELOADING")
+
+
+def closed(classifier: object) -> bool:
+    """True when a classifier was closed (its classify refuses): the service releases what it holds."""
+    size = classifier.metadata.input_size  # type: ignore[attr-defined]
+    try:
+        classifier.classify(np.zeros((1, size, size, 3), np.uint8))  # type: ignore[attr-defined]
+    except ModelError as exc:
+        return "closed" in str(exc)
+    return False
+
+
+def test_shutdown_closes_the_classifier_after_the_last_frame(endpoint: str) -> None:
+    classifier = open_classifier(None, "onnxruntime", 1)
+    source = ReplaySource(SAMPLES, pace="max", loop=False)
+    pipeline = Pipeline(source, classifier, Publisher(endpoint), Settings.from_config(cfg.load(None)))
+    assert run_pipeline(pipeline) == 0  # on this (the main) thread, as in the service
+    assert pipeline.counters.published > 0 and pipeline.counters.errors == 0
+    assert closed(classifier)
+
+
+def test_reload_ready_after_the_swap_one_at_a_time_latest_wins_old_classifier_closed(
+    tmp_path: Path, endpoint: str, systemd: SystemdSide, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NOTIFY_SOCKET", str(systemd.path))
+    monkeypatch.delenv("WATCHDOG_USEC", raising=False)
+    other_model = bundled_models_dir() / "student-v1" / "model.onnx"
+    path = tmp_path / "c.toml"
+    path.write_text("[review]\nuncertainty = 0.5\n[drift]\nenabled = false\n")
+    config = cfg.load(path)
+    first = open_classifier(None, "onnxruntime", 1)
+    source = ReplaySource(SAMPLES, pace="recorded", fps=20, loop=True)
+    # The pipeline itself gets no notifier: every READY seen here is the reload's.
+    pipeline = Pipeline(source, first, Publisher(endpoint), Settings.from_config(config))
+    runner = threading.Thread(target=pipeline.run)
+    reloader = Reloader(pipeline, path, config, Notifier())
+    try:
+        path.write_text(f'[review]\nuncertainty = 0.25\n[drift]\nenabled = false\n[model]\npath = "{other_model}"\n')
+        reloader.request()
+        systemd.wait_for("RELOADING", timeout=10)
+        time.sleep(0.5)  # reload 1 read the file and now waits for the loop
+        path.write_text("[review]\nuncertainty = 0.75\n[drift]\nenabled = false\n")
+        reloader.request()
+        reloader.request()
+        time.sleep(1.0)
+        assert systemd.times("READY") == [], "READY=1 before the loop thread applied the swap"
+        assert len(systemd.times("RELOADING")) == 1, "a second reload started while the first was running"
+        assert not closed(first)
+        runner.start()
+        deadline = time.monotonic() + 60
+        while (reloader.completed < 2 or len(systemd.times("READY")) < 2) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert reloader.completed == 2
+        ready, reloading = systemd.times("READY"), systemd.times("RELOADING")
+        assert len(ready) == 2 and len(reloading) == 2
+        assert reloading[0] < ready[0] < reloading[1] < ready[1], "reloads overlapped"
+        # The latest file wins: v2's thresholds and model, although reload 1 (v1) opened its model first.
+        assert pipeline.settings.review_uncertainty == 0.75
+        assert pipeline.classifier.path == first.path and pipeline.classifier is not first
+        assert closed(first), "the classifier replaced by reload 1 was not closed"
+    finally:
+        reloader.close()
+        pipeline.request_stop()
+        runner.join(30)
+        pipeline.publisher.close()
+
+
+def test_sighup_applies_what_it_can_and_refuses_loudly_what_needs_a_restart(
+    tmp_path: Path, endpoint: str, systemd: SystemdSide
+) -> None:
+    config, audit, other_audit = tmp_path / "c.toml", tmp_path / "audit.jsonl", tmp_path / "other.jsonl"
+    write_config(config, endpoint, SAMPLES, audit, review__uncertainty="1.0", review__anomaly="1.0",
+                 drift__enabled="false")
+    log = tmp_path / "log"
+    after: list[dict] = []
+    with Subscriber(endpoint, topics=(TOPIC_CELLS,)) as subscriber:
+        process = start_service(config, systemd, watchdog_usec=5_000_000, log=log)
+        try:
+            systemd.wait_for("READY", timeout=60)
+            # Thresholds can change between frames; CURVE, the audit file, the camera and the queue cannot.
+            write_config(config, endpoint, SAMPLES, other_audit, review__uncertainty="0.0", review__anomaly="0.0",
+                         drift__enabled="false", pipeline__queue_size="3", camera__fps="15.0",
+                         security__curve="true", security__server_key='"publisher.key_secret"',
+                         security__authorized_keys='"subscribers"')
+            process.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 30
+            while len(systemd.times("READY")) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert len(systemd.times("READY")) == 2, "no READY=1 after the reload"
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:
+                message = subscriber.receive(0.2)
+                if message is not None:
+                    after.append(message.payload)
+            assert process.poll() is None
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=15)
+        finally:
+            process.kill()
+    text = log.read_text()
+    refused = [line for line in text.splitlines() if "NOT applied, these need a restart" in line]
+    assert len(refused) == 1 and " ERROR " in refused[0], text[-3000:]
+    needs_restart, applied = refused[0].split("need a restart")[1].split("; applied: ")
+    for key in ("audit.path", "camera.fps", "pipeline.queue_size", "security.curve", "security.server_key"):
+        assert key in needs_restart, key
+    assert "review.uncertainty" in applied and "review.anomaly" in applied
+    assert "configuration from" not in text, "the log claims the whole configuration was applied"
+    # Still the plain socket (a plain subscriber still receives) and the old audit file, as the log says.
+    assert after, "the publisher changed although the reload refused to touch it"
+    assert not other_audit.exists()
+    flagged = [c["review"] for m in after[-5:] for c in m["cells"] if c["label"]]
+    assert flagged and all(flagged), "the thresholds that can change were not applied"

@@ -5,6 +5,9 @@ whether adapting beat the base model on the reviewed cells."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
+
+pytest.importorskip("torch", reason="engines.site_model trains with torch (the [train] extra)")
 
 from edge.drift import FEATURES
 from engines.site_model import alarm_self_check

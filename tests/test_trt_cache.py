@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from edge.errors import ConfigError, ModelError
-from edge.trt import builder, cache
-from edge.trt.backend import settings_from
+from edge.trt import cache
+from edge.trt.plan import settings_from
 
 REPO = Path(__file__).resolve().parents[1]
 BLOB = bytes(range(256)) * 400  # 100 KiB stand-in for a serialised engine (never deserialised here)
@@ -35,6 +35,7 @@ def test_every_field_changes_the_digest_and_file_name() -> None:
     base = key()
     variants = [key(onnx_sha256="b" * 64), key(tensorrt_version="10.3.1"), key(gpu_name="Orin Nano"),
                 key(compute_capability="8.6"), key(precision="fp32"), key(opt_batch=8), key(max_batch=128),
+                key(sm_count=8), key(tf32=True),
                 key(precision="int8", int8_source="qdq", int8_sha256="c" * 64),
                 key(precision="int8", int8_source="calibrator", int8_sha256="c" * 64),
                 key(precision="int8", int8_source="qdq", int8_sha256="d" * 64)]
@@ -195,18 +196,8 @@ def test_settings_defaults_environment_and_refusals(monkeypatch: pytest.MonkeyPa
         settings_from({"precision": "fp8"})
     with pytest.raises(ConfigError, match="opt_batch"):
         settings_from({"opt_batch": 65, "max_batch": 64})
-    with pytest.raises(ConfigError, match="unknown keys"):
+    with pytest.raises(ConfigError, match=r"unknown key tensorrt\.max_batchsize"):
         settings_from({"max_batchsize": 3})
-
-
-def test_version_routes_and_int8_inputs(tmp_path: Path) -> None:
-    assert not builder.strongly_typed("10.3.0") and builder.strongly_typed("11.0.1")
-    source, path = builder.int8_plan("10.3.0", None, None)
-    assert source == "calibrator" and path.name == "calibration-set.npz" and path.is_file()
-    source, path = builder.int8_plan("11.0.0", None, None)
-    assert source == "qdq" and path.name == "model.int8.qdq.onnx"
-    with pytest.raises(ModelError, match="Q/DQ model not found"):
-        builder.int8_plan("10.3.0", tmp_path / "absent.onnx", None)
 
 
 def test_without_tensorrt_the_backend_says_how_to_install_it() -> None:
@@ -217,7 +208,7 @@ def test_without_tensorrt_the_backend_says_how_to_install_it() -> None:
     except ImportError:
         pass
     from edge.models import default_model_path
-    from edge.trt.backend import TensorRTClassifier
+    from edge.trt.backend import open_tensorrt
 
     with pytest.raises(ModelError, match="python3-libnvinfer and pycuda; the venv must see system site-packages"):
-        TensorRTClassifier(default_model_path(), precision="fp32")
+        open_tensorrt(default_model_path(), settings_from({"precision": "fp32"}))

@@ -3,16 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
 from edge import config as cfg
-from edge.errors import CytoedgeError
-from edge.models import open_classifier, resolve_model_path
-from edge.pipeline import Pipeline, Settings
-from edge.service import build_alarm, build_pipeline, run_pipeline
-
-log = logging.getLogger(__name__)
+from edge.service import Reloader, build_pipeline, run_pipeline
 
 
 def replay(args: argparse.Namespace) -> int:
@@ -36,38 +30,12 @@ def run(args: argparse.Namespace) -> int:
     """The service entry point: systemd readiness/watchdog when under systemd, SIGHUP reloads."""
     from edge.sdnotify import Notifier
 
-    config = cfg.with_overrides(cfg.load(args.config), "command line", model__path=args.model)
+    overrides = {"model__path": args.model} if args.model else {}
+    config = cfg.with_overrides(cfg.load(args.config), "command line", **overrides)
     notifier = Notifier()
     pipeline = build_pipeline(config, notifier=notifier)
-    return run_pipeline(pipeline, on_reload=lambda: reload(pipeline, args.config, config, notifier))
-
-
-def reload(pipeline: Pipeline, config_path: str | None, current: cfg.Config, notifier: object) -> None:
-    """Re-read the config and swap model and settings between frames; a bad one leaves the old running."""
-    getattr(notifier, "reloading", lambda: None)()
+    reloader = Reloader(pipeline, args.config, config, notifier, overrides)
     try:
-        new = cfg.load(config_path)
-        fixed = [
-            f"{section}.{key}"
-            for section in ("source", "publish")
-            for key in new[section]
-            if new[section][key] != current[section][key]
-        ]
-        if fixed:
-            log.warning("reload: %s change(s) need a restart and were not applied", ", ".join(fixed))
-        classifier = None
-        model = new["model"]
-        # `cytoedge models use|rollback` changes the model without changing the config: compare the file too.
-        path = resolve_model_path(model["path"], model["store"])
-        if model != current["model"] or path != pipeline.classifier.path:
-            classifier = open_classifier(path, model["backend"], model["threads"], new["tensorrt"])
-        alarm = build_alarm(classifier or pipeline.classifier, new)
-        pipeline.request_swap(classifier=classifier, settings=Settings.from_config(new), alarm=alarm)
-        current.update({k: v for k, v in new.items() if k not in ("source", "publish")})
-        log.info("reload: configuration from %s applied", config_path or "defaults")
-    except CytoedgeError as exc:
-        log.error("reload rejected, still running the previous configuration: %s", exc)
-    except Exception:
-        log.exception("reload failed, still running the previous configuration")
+        return run_pipeline(pipeline, on_reload=reloader.request)
     finally:
-        getattr(notifier, "ready", lambda: None)()
+        reloader.close()

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import json
 import logging
 import re
+import socket
 import threading
 import time
 from http import HTTPStatus
@@ -45,6 +47,48 @@ STATIC_TYPES = {
 }
 # The page is served only from its own origin; no inline scripts, no outside resources.
 CSP = "default-src 'self'; img-src 'self'; style-src 'self'; script-src 'self'; connect-src 'self'"
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+WILDCARDS = frozenset({"", "0.0.0.0", "::"})
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def allowed_host_names(listen_host: str) -> frozenset[str]:
+    """The Host names the page may be asked for, from the address it listens on (DNS rebinding defence).
+
+    A rebinding attack points the attacker's own name at this address, so the browser sends *that* name
+    as Host: only names and addresses this server was configured with are accepted. Loopback also answers
+    to ``localhost``; a wildcard listen (0.0.0.0, ::) to this machine's host names, and to any IP literal
+    (a browser sends an IP as Host only when the page's own origin is that IP, so no rebinding is possible).
+    """
+    host = listen_host.strip("[]").lower()
+    names = {host}
+    if host in LOOPBACK_NAMES or host.startswith("127."):
+        names |= LOOPBACK_NAMES
+    if host in WILDCARDS:
+        names |= LOOPBACK_NAMES | {socket.gethostname().lower(), socket.getfqdn().lower()}
+    return frozenset(n for n in names if n)
+
+
+def host_is_allowed(header: str | None, allowed: frozenset[str], port: int, wildcard: bool) -> bool:
+    """True when a request's Host header names this server: an allowed name (or, behind a wildcard
+    listen, an IP literal) and this server's port (absent only when the port is 80)."""
+    if not header:
+        return False
+    try:
+        parts = urlsplit(f"//{header.strip()}")
+        name, given_port = (parts.hostname or ""), parts.port
+    except ValueError:
+        return False
+    if (given_port if given_port is not None else 80) != port:
+        return False
+    return name in allowed or (wildcard and _is_ip(name))
 
 
 class DisplayServer:
@@ -69,6 +113,9 @@ class DisplayServer:
         except OSError as exc:
             raise CytoedgeError(f"cannot serve the display on {listen[0]}:{listen[1]}: {exc.strerror}") from None
         self.httpd.display = self
+        self.allowed_hosts = allowed_host_names(listen[0])
+        self.port = int(self.httpd.server_address[1])
+        self.wildcard = listen[0].strip("[]") in WILDCARDS
         try:
             # Created here so a bad endpoint fails at start; only the subscriber thread uses it afterwards.
             self.subscriber = Subscriber(connect, topics=TOPICS, curve=curve)
@@ -127,7 +174,18 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "cytoedge-display"
 
     # -- routing ------------------------------------------------------------------------------
+    def _host_ok(self) -> bool:
+        """Every request (GET too: the state and the CSV export are patient data) must name this server
+        in Host; anything else is a DNS-rebinding page in the bench browser, refused with 403."""
+        display = self.server.display
+        if host_is_allowed(self.headers.get("Host"), display.allowed_hosts, display.port, display.wildcard):
+            return True
+        self._error(HTTPStatus.FORBIDDEN, "unknown Host: open the display at the address it listens on")
+        return False
+
     def do_GET(self) -> None:
+        if not self._host_ok():
+            return
         path = urlsplit(self.path).path
         display = self.server.display
         if path in ("/", "/index.html"):
@@ -159,6 +217,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(HTTPStatus.NOT_FOUND, f"no such page: {path}")
 
     def do_POST(self) -> None:
+        if not self._host_ok():
+            return
         path = urlsplit(self.path).path
         body = self._json_body()
         if body is None:

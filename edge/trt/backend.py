@@ -10,118 +10,91 @@ device's *primary* context, pushes it onto the calling thread's context stack at
 call that touches the GPU and pops it in ``finally``; a lock serialises calls. So the classifier may be
 built on the main thread and used from the pipeline's inference thread, but never concurrently.
 Buffers (pinned host, device) are allocated once, for ``max_batch``; larger batches are split.
+
+The runtime never builds and never imports the builder: a missing, stale or undeserialisable engine is an
+:class:`~edge.trt.plan.EngineNeeded` error, which ``edge.models.open_classifier`` turns into a build when
+``[tensorrt] build_if_missing`` is set. The engine file (``edge.trt.cache``) is the interface.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from edge.classifier import Predictions, check_batch, preprocess, scores_from_outputs
-from edge.errors import ConfigError, ModelError
-from edge.modelmeta import file_sha256
+from edge.errors import ModelError
+from edge.modelmeta import ModelMetadata, file_sha256
 from edge.onnx_backend import model_id
-from edge.trt import builder, cache
+from edge.trt import cache, plan
+from edge.trt.plan import EngineNeeded, settings_from
 
 log = logging.getLogger(__name__)
 
-# The [tensorrt] section's keys and defaults (the lead mirrors these in edge/defaults.toml).
-DEFAULTS: dict[str, Any] = {
-    "engine_dir": "",  # "" = $CYTOEDGE_STATE_DIR/engines, else ~/.cache/cytoedge/engines
-    "precision": "fp16",
-    "opt_batch": builder.DEFAULT_OPT_BATCH,
-    "max_batch": builder.DEFAULT_MAX_BATCH,
-    "build_if_missing": False,
-    "timing_cache": "",  # "" = <engine_dir>/timing-<trt+gpu hash>.cache
-    "workspace_mb": builder.DEFAULT_WORKSPACE_MB,
-    "int8_onnx": "",  # Q/DQ model; "" = TRT 10 entropy calibrator (TRT >= 11: calibration/int8's Q/DQ model)
-}
-# Used only when no [tensorrt] section is passed (the contract suite and the self-test open the backend
-# through open_classifier(None, "tensorrt")): lets the self-test pick the engine per run.
-ENV_OVERRIDES = {"precision": "CYTOEDGE_TRT_PRECISION", "engine_dir": "CYTOEDGE_TRT_ENGINE_DIR",
-                 "build_if_missing": "CYTOEDGE_TRT_BUILD", "int8_onnx": "CYTOEDGE_TRT_INT8_ONNX"}
+__all__ = ["EngineNeeded", "TensorRTClassifier", "check_bindings", "open_tensorrt", "settings_from"]
 
 
-def settings_from(section: dict[str, Any] | None) -> dict[str, Any]:
-    """Typed settings from a validated [tensorrt] section (None = defaults + CYTOEDGE_TRT_* variables)."""
-    raw = dict(DEFAULTS)
-    if section is None:
-        for key, variable in ENV_OVERRIDES.items():
-            value = os.environ.get(variable)
-            if value is not None:
-                raw[key] = value.lower() in ("1", "true", "yes") if key == "build_if_missing" else value
-    else:
-        unknown = sorted(set(section) - set(DEFAULTS))
-        if unknown:
-            raise ConfigError(f"[tensorrt]: unknown keys {unknown}; known: {sorted(DEFAULTS)}")
-        raw.update(section)
-    if raw["precision"] not in cache.PRECISIONS:
-        raise ConfigError(
-            f"tensorrt.precision = {raw['precision']!r} is not allowed; expected one of {cache.PRECISIONS}"
-        )
-    opt_batch, max_batch = int(raw["opt_batch"]), int(raw["max_batch"])
-    if not 1 <= opt_batch <= max_batch <= 4096:
-        raise ConfigError(f"tensorrt: need 1 <= opt_batch ({opt_batch}) <= max_batch ({max_batch}) <= 4096")
-    return {
-        "engine_dir": Path(raw["engine_dir"]).expanduser() if raw["engine_dir"] else cache.default_engine_dir(),
-        "precision": raw["precision"],
-        "opt_batch": opt_batch,
-        "max_batch": max_batch,
-        "build_if_missing": bool(raw["build_if_missing"]),
-        "timing_cache": Path(raw["timing_cache"]).expanduser() if raw["timing_cache"] else None,
-        "workspace_mb": int(raw["workspace_mb"]),
-        "int8_onnx": Path(raw["int8_onnx"]).expanduser() if raw["int8_onnx"] else None,
-    }
+def open_tensorrt(path: Path, settings: dict[str, Any] | None = None) -> TensorRTClassifier:
+    """The configured engine for ``path``; ``settings`` from :func:`edge.trt.plan.settings_from`."""
+    settings = settings if settings is not None else settings_from(None)
+    return TensorRTClassifier(Path(path), settings["engine_dir"], settings["precision"], settings["opt_batch"],
+                              settings["max_batch"], settings["int8_onnx"])
 
 
-def open_tensorrt(path: Path, section: dict[str, Any] | None = None) -> TensorRTClassifier:
-    """What edge.models.open_classifier calls for backend = "tensorrt"."""
-    settings = settings_from(section)
-    return TensorRTClassifier(Path(path), **settings)
+def check_bindings(where: object, meta: ModelMetadata, inputs: Sequence[str], outputs: Sequence[str],
+                   input_dtypes: dict[str, np.dtype]) -> list[str]:
+    """The outputs to read, after checking that the engine's I/O is the model's: one float32 input named
+    as in the metadata, and every output the metadata names. A ModelError names the difference."""
+    if list(inputs) != [meta.input_name]:
+        raise ModelError(f"{where}: engine inputs {list(inputs)}, the model's metadata expects [{meta.input_name!r}]")
+    for name, dtype in input_dtypes.items():
+        if np.dtype(dtype) != np.float32:
+            raise ModelError(f"{where}: input {name} is {np.dtype(dtype)}, expected float32 I/O")
+    wanted = [n for n in (meta.logits_output, meta.uncertainty_output, meta.anomaly_output) if n]
+    missing = [n for n in wanted if n not in outputs]
+    if missing:
+        raise ModelError(f"{where}: engine lacks outputs {missing} named in the model metadata")
+    return wanted
 
 
 class TensorRTClassifier:
     """One engine, one execution context, one stream, buffers for ``max_batch`` crops."""
 
-    def __init__(self, onnx_path: Path, engine_dir: Path | None = None, precision: str = "fp16",
-                 opt_batch: int = builder.DEFAULT_OPT_BATCH, max_batch: int = builder.DEFAULT_MAX_BATCH,
-                 build_if_missing: bool = False, int8_onnx: Path | None = None, timing_cache: Path | None = None,
-                 workspace_mb: int = builder.DEFAULT_WORKSPACE_MB, device_index: int = 0) -> None:
+    def __init__(self, onnx_path: Path, engine_dir: Path | None, precision: str, opt_batch: int, max_batch: int,
+                 int8_onnx: Path | None = None, device_index: int = 0) -> None:
         self.path = Path(onnx_path)
-        self.metadata = builder.model_metadata(self.path)  # the ONNX file stays the model's identity
+        self.metadata = plan.model_metadata(self.path)  # the ONNX file stays the model's identity
         self.sha256 = file_sha256(self.path)
         self.model_id = model_id(self.metadata, self.sha256)
         self.precision = precision
-        trt = builder.import_tensorrt()
-        cuda = builder.import_pycuda()
+        self._closed = False
+        trt = plan.import_tensorrt()
+        cuda = plan.import_pycuda()
         engine_dir = Path(engine_dir) if engine_dir else cache.default_engine_dir()
-        facts = builder.device_facts(device_index)
-        plan = builder.make_key(self.path, precision, opt_batch, max_batch, facts, int8_onnx)
-        command = cache.rebuild_command(self.path, plan.key, engine_dir, int8_onnx)
-        state = cache.find(engine_dir, plan.key, command)
+        facts = plan.device_facts(device_index)
+        wanted = plan.make_key(self.path, precision, opt_batch, max_batch, facts, int8_onnx)
+        command = cache.rebuild_command(self.path, wanted.key, engine_dir, int8_onnx)
+        state = cache.find(engine_dir, wanted.key, command)
         if not state.ok:
-            if not build_if_missing:
-                raise ModelError(state.message)
-            log.warning("%s; building it now (minutes)", state.message)
-            builder.build_engine(self.path, engine_dir, precision, opt_batch, max_batch, workspace_mb, timing_cache,
-                                 int8_onnx, say=log.info, device_index=device_index)
-        self.engine_path = cache.engine_path(engine_dir, plan.key)
+            raise EngineNeeded(state.message)
+        self.engine_path = cache.engine_path(engine_dir, wanted.key)
         try:
-            blob = cache.read_engine(self.engine_path, plan.key)
+            blob = cache.read_engine(self.engine_path, wanted.key)
         except ValueError as exc:
-            raise ModelError(str(exc)) from None
+            raise EngineNeeded(str(exc)) from None
         self._cuda = cuda
         self._lock = threading.Lock()
+        self._buffers: dict[str, tuple[np.ndarray, Any]] = {}
         self._ctx = cuda.Device(device_index).retain_primary_context()
         self._ctx.push()
         try:
-            self._setup(trt, cuda, blob, command)
+            self._setup(trt, cuda, blob, command + " --force")
         except BaseException:
+            self._free()
             self._ctx.pop()
             self._ctx.detach()  # release the primary context we retained; nothing else holds it
             raise
@@ -133,34 +106,26 @@ class TensorRTClassifier:
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self._engine = self._runtime.deserialize_cuda_engine(blob)
         if self._engine is None:
-            raise ModelError(f"TensorRT cannot deserialise {self.engine_path}; rebuild with: {command}")
+            # The file passed every cache check, so only a rebuild can replace it.
+            raise EngineNeeded(f"TensorRT cannot deserialise {self.engine_path}; rebuild with: {command}", force=True)
         self._context = self._engine.create_execution_context()
         self._stream = cuda.Stream()
         names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
         inputs = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if n not in inputs]
-        if inputs != [meta.input_name]:
-            raise ModelError(f"{self.engine_path}: engine inputs {inputs}, metadata expects [{meta.input_name!r}]")
-        wanted = [n for n in (meta.logits_output, meta.uncertainty_output, meta.anomaly_output) if n]
-        missing = [n for n in wanted if n not in outputs]
-        if missing:
-            raise ModelError(f"{self.engine_path}: engine lacks outputs {missing} named in the model metadata")
-        self._wanted = wanted
+        dtypes = {n: np.dtype(trt.nptype(self._engine.get_tensor_dtype(n))) for n in names}
+        self._wanted = check_bindings(self.engine_path, meta, inputs, outputs, {n: dtypes[n] for n in inputs})
         # The engine's own profile bounds the batch, whatever the config says now.
         self.max_batch = int(self._engine.get_tensor_profile_shape(meta.input_name, 0)[2][0])
         size = meta.input_size
         full = (self.max_batch, 3, size, size)
         self._context.set_input_shape(meta.input_name, full)
-        self._buffers: dict[str, tuple[np.ndarray, Any]] = {}
         for name in names:
             shape = full if name in inputs else tuple(self._context.get_tensor_shape(name))
-            dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(name)))
-            if name in inputs and dtype != np.float32:
-                raise ModelError(f"{self.engine_path}: input {name} is {dtype}, expected float32 I/O")
-            host = cuda.pagelocked_empty(shape, dtype)
+            host = cuda.pagelocked_empty(shape, dtypes[name])
             device = cuda.mem_alloc(max(host.nbytes, 1))
-            self._context.set_tensor_address(name, int(device))
             self._buffers[name] = (host, device)
+            self._context.set_tensor_address(name, int(device))
         self._outputs = outputs
 
     def classify(self, crops_bgr: np.ndarray) -> Predictions:
@@ -178,6 +143,8 @@ class TensorRTClassifier:
         n = len(batch)
         name = self.metadata.input_name
         with self._lock:
+            if self._closed:
+                raise ModelError(f"TensorRT classifier for {self.engine_path} is closed")
             self._ctx.push()
             try:
                 host_in, dev_in = self._buffers[name]
@@ -196,14 +163,27 @@ class TensorRTClassifier:
                 self._ctx.pop()
 
     def close(self) -> None:
-        """Free GPU memory in the right context; the object is unusable afterwards."""
+        """Free device and pinned memory inside our context and release the primary context. Idempotent;
+        the object is unusable afterwards. Called by the service after a model swap and at shutdown:
+        left to the garbage collector, pycuda frees from whatever thread runs it and only warns."""
         with self._lock:
+            if self._closed:
+                return
+            self._closed = True
             self._ctx.push()
             try:
-                for _host, device in self._buffers.values():
-                    device.free()
-                self._buffers = {}
-                del self._context, self._engine, self._runtime
+                self._free()
             finally:
                 self._ctx.pop()
                 self._ctx.detach()
+
+    def _free(self) -> None:
+        for host, device in self._buffers.values():
+            device.free()
+            allocation = getattr(host, "base", None)  # pycuda's HostAllocation behind a pagelocked array
+            if hasattr(allocation, "free"):
+                allocation.free()
+        self._buffers = {}
+        for name in ("_context", "_engine", "_runtime", "_stream"):
+            if hasattr(self, name):
+                delattr(self, name)

@@ -3,176 +3,37 @@
 NOT RUN on the development machine (no GPU, no TensorRT there): this module is written against the
 documented TensorRT 10 Python API and exercised for real only by ``deploy/jetson-selftest.sh``.
 ``tensorrt`` and ``pycuda`` are imported inside functions, so importing this module never needs them.
+The builder and the runtime (``edge.trt.backend``) never import each other: both compute the engine key
+with ``edge.trt.plan`` and meet at the engine file (``edge.trt.cache``).
 
-Precision routes (see docs/tensorrt.md):
+Precision routes (see docs/tensorrt.md; the choice is ``edge.trt.plan.builder_flags`` / ``network_source``):
 
-- fp32: plain network.
-- fp16: TensorRT 10 -> ``BuilderFlag.FP16``; TensorRT >= 11 (no precision flags) -> a strongly typed
-  network parsed from an FP16-converted ONNX (float32 I/O kept).
-- int8: TensorRT 10 -> ``IInt8EntropyCalibrator2`` over calibration/int8's calibration set (cache
-  written next to the engine), unless a Q/DQ ONNX is given; TensorRT >= 11 (calibrator removed) ->
-  a strongly typed network from the Q/DQ ONNX made by ``python -m calibration.int8 build``.
+- fp32: plain network, TF32 cleared (TensorRT 10 enables it by default).
+- fp16: TensorRT < 10.12 -> ``BuilderFlag.FP16``; from 10.12 (flags deprecated, gone in 11) -> a strongly
+  typed network parsed from an FP16-converted ONNX (float32 I/O kept).
+- int8: TensorRT < 10.12 -> ``IInt8EntropyCalibrator2`` over calibration/int8's calibration set (cache
+  written next to the engine, named by the model's sha256), unless a Q/DQ ONNX is given; from 10.12 -> a
+  strongly typed network from the Q/DQ ONNX made by ``python -m calibration.int8 build``. Either input
+  must have been made from the model being built (checked in ``edge.trt.plan``).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
-import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from edge.classifier import preprocess
 from edge.errors import ModelError
 from edge.modelmeta import ModelMetadata, file_sha256
-from edge.trt import cache
+from edge.trt import cache, plan
 
 log = logging.getLogger(__name__)
-
-INSTALL_HINT = (
-    "install JetPack's python3-libnvinfer and pycuda; the venv must see system site-packages "
-    "(python3 -m venv --system-site-packages)"
-)
-DEFAULT_OPT_BATCH = 16
-DEFAULT_MAX_BATCH = 64
-DEFAULT_WORKSPACE_MB = 1024
-CALIBRATION_BATCH = 32
-
-
-def import_tensorrt() -> Any:
-    """tensorrt, or a ModelError that says how to get it on a Jetson."""
-    try:
-        import tensorrt
-    except ImportError as exc:
-        raise ModelError(f"TensorRT is not importable ({exc.name}): {INSTALL_HINT}") from None
-    return tensorrt
-
-
-def import_pycuda() -> Any:
-    """pycuda.driver (initialised), or a ModelError; no context is created here."""
-    try:
-        import pycuda.driver as cuda
-    except ImportError as exc:
-        raise ModelError(f"pycuda is not importable ({exc.name}): {INSTALL_HINT}") from None
-    try:
-        cuda.init()
-        if cuda.Device.count() < 1:
-            raise ModelError("pycuda sees no CUDA device (is the GPU visible to this user / service?)")
-    except ModelError:
-        raise
-    except Exception as exc:  # pycuda raises its own error types
-        raise ModelError(f"CUDA cannot start: {exc}") from None
-    return cuda
-
-
-def trt_major(version: str) -> int:
-    try:
-        return int(version.split(".")[0])
-    except ValueError:
-        return 0
-
-
-def strongly_typed(version: str) -> bool:
-    """TensorRT >= 11 has no FP16/INT8 builder flags and no implicit calibrator: types come from the network."""
-    return trt_major(version) >= 11
-
-
-@dataclass(frozen=True)
-class DeviceFacts:
-    tensorrt_version: str
-    gpu_name: str
-    compute_capability: str
-
-    def digest(self) -> str:
-        text = f"{self.tensorrt_version}|{self.gpu_name}|{self.compute_capability}"
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def device_facts(device_index: int = 0) -> DeviceFacts:
-    """TensorRT version and the GPU's name and compute capability: three parts of every engine key."""
-    trt = import_tensorrt()
-    cuda = import_pycuda()
-    device = cuda.Device(device_index)
-    major, minor = device.compute_capability()
-    return DeviceFacts(str(trt.__version__), str(device.name()), f"{major}.{minor}")
-
-
-def model_metadata(onnx_path: Path) -> ModelMetadata:
-    """The cytoedge metadata of an ONNX file (read with ONNX Runtime, a hard dependency anyway)."""
-    import onnxruntime as ort
-
-    from edge.onnx_backend import read_onnx_metadata
-
-    path = Path(onnx_path)
-    if not path.is_file():
-        raise ModelError(f"model file not found: {path}")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise ModelError(f"cannot read model {path}: {str(exc).strip()[:300]}") from None
-    return read_onnx_metadata(session, path)
-
-
-def int8_plan(version: str, int8_onnx: Path | None, calibration_dir: Path | None) -> tuple[str, Path]:
-    """("qdq", Q/DQ model) or ("calibrator", calibration set .npz) for an INT8 build on this TensorRT."""
-    from calibration import int8 as int8_tools
-
-    if int8_onnx:
-        if not Path(int8_onnx).is_file():
-            raise ModelError(f"Q/DQ model not found: {int8_onnx} (make it with `{int8_tools.BUILD_COMMAND}`)")
-        return "qdq", Path(int8_onnx)
-    if strongly_typed(version):
-        default = int8_tools.OUT_DIR / int8_tools.QDQ_NAME
-        if default.is_file():
-            return "qdq", default
-        raise ModelError(f"TensorRT {version} has no implicit INT8 calibrator: give a Q/DQ model "
-                         f"(--int8-onnx / [tensorrt] int8_onnx), made with `{int8_tools.BUILD_COMMAND}`")
-    folder = Path(calibration_dir) if calibration_dir else int8_tools.OUT_DIR
-    npz = folder / int8_tools.CALIBRATION_NPZ
-    if not npz.is_file():
-        raise ModelError(f"INT8 calibration set not found at {npz}; make it with `{int8_tools.BUILD_COMMAND}`")
-    return "calibrator", npz
-
-
-def make_key(onnx_path: Path, precision: str, opt_batch: int, max_batch: int, facts: DeviceFacts,
-             int8_onnx: Path | None = None, calibration_dir: Path | None = None) -> EngineKeyAndInputs:
-    """The cache key for this build, plus the files the build reads."""
-    meta = model_metadata(onnx_path)
-    int8_source = int8_sha = None
-    int8_input: Path | None = None
-    if precision == "int8":
-        int8_source, int8_input = int8_plan(facts.tensorrt_version, int8_onnx, calibration_dir)
-        int8_sha = file_sha256(int8_input)
-    key = cache.EngineKey(
-        onnx_sha256=file_sha256(onnx_path), tensorrt_version=facts.tensorrt_version, gpu_name=facts.gpu_name,
-        compute_capability=facts.compute_capability, precision=precision, min_batch=1,
-        opt_batch=min(opt_batch, max_batch), max_batch=max_batch, int8_source=int8_source, int8_sha256=int8_sha,
-        model_name=meta.name,
-    )
-    return EngineKeyAndInputs(key, meta, Path(onnx_path), int8_input)
-
-
-@dataclass(frozen=True)
-class EngineKeyAndInputs:
-    key: cache.EngineKey
-    meta: ModelMetadata
-    onnx_path: Path
-    int8_input: Path | None  # the Q/DQ model or the calibration .npz
-
-
-def timing_cache_path(engine_dir: Path, facts: DeviceFacts, configured: str | Path | None = None) -> Path:
-    """Timing caches are only valid for one TensorRT version and GPU, so the name carries both."""
-    if configured:
-        return Path(configured)
-    return Path(engine_dir) / f"timing-{facts.digest()}.cache"
 
 
 def fp16_onnx(onnx_path: Path, work_dir: Path) -> Path:
@@ -230,28 +91,37 @@ def _progress_monitor(trt: Any, say: Any) -> Any:
 
 def _entropy_calibrator(trt: Any, cuda: Any, npz: Path, meta: ModelMetadata, cache_file: Path) -> Any:
     """IInt8EntropyCalibrator2 over the calibration set, preprocessed exactly as at runtime. The
-    calibration cache it writes is tied to this GPU and TensorRT version (named accordingly)."""
-    from calibration.int8 import batches
-
+    calibration cache it writes is tied to this model, calibration set, GPU and TensorRT version."""
     with np.load(npz) as data:
         crops = data["crops"]
+    size = meta.input_size
+    if crops.ndim != 4 or crops.shape[1:] != (size, size, 3) or crops.dtype != np.uint8:
+        # The device buffer below is sized from the model: other crops must never be copied into it.
+        raise ModelError(f"{npz}: crops are {crops.dtype} {tuple(crops.shape)}, the model wants uint8 "
+                         f"(N, {size}, {size}, 3)")
+    batch = plan.CALIBRATION_BATCH
+    full = len(crops) // batch * batch  # fixed calibration shape
+    if full == 0:
+        raise ModelError(f"{npz}: fewer than {batch} crops, too few to calibrate")
 
     class EntropyCalibrator(trt.IInt8EntropyCalibrator2):  # type: ignore[misc,name-defined]
         def __init__(self) -> None:
             trt.IInt8EntropyCalibrator2.__init__(self)
-            full = len(crops) // CALIBRATION_BATCH * CALIBRATION_BATCH  # fixed calibration shape
-            self.batches = list(batches(crops[:full], meta, CALIBRATION_BATCH))
+            self.batches = [np.ascontiguousarray(preprocess(crops[i : i + batch], meta), np.float32)
+                            for i in range(0, full, batch)]
             self.index = 0
-            shape = (CALIBRATION_BATCH, 3, meta.input_size, meta.input_size)
-            self.device = cuda.mem_alloc(int(np.prod(shape)) * 4)
+            self.nbytes = batch * 3 * size * size * 4
+            self.device = cuda.mem_alloc(self.nbytes)
 
         def get_batch_size(self) -> int:
-            return CALIBRATION_BATCH
+            return batch
 
         def get_batch(self, names: list[str]) -> list[int] | None:
             if self.index >= len(self.batches):
                 return None
-            cuda.memcpy_htod(self.device, np.ascontiguousarray(self.batches[self.index], np.float32))
+            host = self.batches[self.index]
+            assert host.nbytes == self.nbytes  # never copy more than the buffer holds
+            cuda.memcpy_htod(self.device, host)
             self.index += 1
             return [int(self.device)]
 
@@ -279,41 +149,49 @@ def _parse(trt: Any, builder: Any, logger: Any, onnx_file: Path, strongly: bool)
     return network, parser
 
 
-def build_engine(onnx_path: Path, engine_dir: Path, precision: str = "fp16", opt_batch: int = DEFAULT_OPT_BATCH,
-                 max_batch: int = DEFAULT_MAX_BATCH, workspace_mb: int = DEFAULT_WORKSPACE_MB,
-                 timing_cache: str | Path | None = None, int8_onnx: Path | None = None,
-                 calibration_dir: Path | None = None, say: Any = print, device_index: int = 0) -> Path:
-    """Build, serialise and store (atomically, through the cache) one engine; returns its path."""
-    trt = import_tensorrt()
-    cuda = import_pycuda()
-    facts = device_facts(device_index)
-    plan = make_key(Path(onnx_path), precision, opt_batch, max_batch, facts, int8_onnx, calibration_dir)
-    key, meta = plan.key, plan.meta
+def build_engine(onnx_path: Path, engine_dir: Path, precision: str, opt_batch: int, max_batch: int,
+                 workspace_mb: int, timing_cache: str | Path | None = None, int8_onnx: Path | None = None,
+                 calibration_dir: Path | None = None, say: Any = print, device_index: int = 0,
+                 force: bool = False) -> Path:
+    """Build, serialise and store (atomically, through the cache) one engine; returns its path.
+
+    The cache is checked again once the build lock is held: a second process that waited for the lock
+    finds the engine the first one built and returns it. ``force`` builds anyway (the engine on disk
+    looked valid but TensorRT could not deserialise it)."""
+    trt = plan.import_tensorrt()
+    cuda = plan.import_pycuda()
+    facts = plan.device_facts(device_index)
+    wanted = plan.make_key(Path(onnx_path), precision, opt_batch, max_batch, facts, int8_onnx, calibration_dir)
     engine_dir = Path(engine_dir)
     cache.clean_stale_temps(engine_dir)
     context = cuda.Device(device_index).retain_primary_context()
     context.push()  # the calibrator's device buffer and the builder's timing runs need a current context
     try:
         with cache.build_lock(engine_dir):
-            return _build_locked(trt, cuda, plan, facts, engine_dir, workspace_mb, timing_cache, say)
+            state = cache.check(cache.engine_path(engine_dir, wanted.key), wanted.key)
+            if state.ok and not force:
+                say(f"engine up to date: {state.path} (--force rebuilds it)")
+                return state.path
+            return _build_locked(trt, cuda, wanted, facts, engine_dir, workspace_mb, timing_cache, say)
     finally:
         context.pop()
-        log.debug("built %s for %s", key.precision, meta.name)
+        context.detach()  # release the primary context retained above
 
 
-def _build_locked(trt: Any, cuda: Any, plan: EngineKeyAndInputs, facts: DeviceFacts, engine_dir: Path,
-                  workspace_mb: int, timing_cache: str | Path | None, say: Any) -> Path:
-    key, meta = plan.key, plan.meta
-    strongly = strongly_typed(facts.tensorrt_version)
-    onnx_file = plan.onnx_path
-    if key.precision == "int8" and key.int8_source == "qdq":
-        assert plan.int8_input is not None
-        onnx_file = plan.int8_input
-    elif key.precision == "fp16" and strongly:
-        onnx_file = fp16_onnx(plan.onnx_path, engine_dir)
-    say(f"building {key.precision} engine for {meta.name} on {facts.gpu_name} (sm {facts.compute_capability}), "
-        f"TensorRT {facts.tensorrt_version}{', strongly typed' if strongly else ''}; batch 1/{key.opt_batch}/"
-        f"{key.max_batch}; from {onnx_file}")
+def _build_locked(trt: Any, cuda: Any, wanted: plan.EngineKeyAndInputs, facts: plan.DeviceFacts,
+                  engine_dir: Path, workspace_mb: int, timing_cache: str | Path | None, say: Any) -> Path:
+    key, meta = wanted.key, wanted.meta
+    strongly = plan.strongly_typed(facts.tensorrt_version)
+    source = plan.network_source(key.precision, facts.tensorrt_version, key.int8_source)
+    onnx_file = wanted.onnx_path
+    if source == "qdq":
+        assert wanted.int8_input is not None
+        onnx_file = wanted.int8_input
+    elif source == "fp16-onnx":
+        onnx_file = fp16_onnx(wanted.onnx_path, engine_dir)
+    say(f"building {key.precision} engine for {meta.name} on {facts.gpu_name} (sm {facts.compute_capability}, "
+        f"{facts.sm_count} SMs), TensorRT {facts.tensorrt_version}{', strongly typed' if strongly else ''}; "
+        f"batch 1/{key.opt_batch}/{key.max_batch}; from {onnx_file}")
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network, _parser = _parse(trt, builder, logger, onnx_file, strongly)
@@ -324,24 +202,23 @@ def _build_locked(trt: Any, cuda: Any, plan: EngineKeyAndInputs, facts: DeviceFa
     profile.set_shape(meta.input_name, (1, 3, size, size), (key.opt_batch, 3, size, size),
                       (key.max_batch, 3, size, size))
     config.add_optimization_profile(profile)
-    if not strongly:
-        if key.precision in ("fp16", "int8"):
-            config.set_flag(trt.BuilderFlag.FP16)  # int8: layers without INT8 kernels fall back to fp16
-        if key.precision == "int8":
-            config.set_flag(trt.BuilderFlag.INT8)
-            if key.int8_source == "calibrator":
-                calib_profile = builder.create_optimization_profile()
-                shape = (CALIBRATION_BATCH, 3, size, size)
-                calib_profile.set_shape(meta.input_name, shape, shape, shape)
-                config.set_calibration_profile(calib_profile)
-                set_hash = (key.int8_sha256 or "")[:12]
-                calib_cache = engine_dir / f"{cache.safe_name(meta.name)}-int8-{facts.digest()}-{set_hash}.calib"
-                assert plan.int8_input is not None
-                config.int8_calibrator = _entropy_calibrator(trt, cuda, plan.int8_input, meta, calib_cache)
+    to_set, to_clear = plan.builder_flags(key.precision, facts.tensorrt_version)
+    for name in to_set:
+        config.set_flag(getattr(trt.BuilderFlag, name))
+    for name in to_clear:
+        config.clear_flag(getattr(trt.BuilderFlag, name))
+    if key.int8_source == "calibrator":
+        calib_profile = builder.create_optimization_profile()
+        shape = (plan.CALIBRATION_BATCH, 3, size, size)
+        calib_profile.set_shape(meta.input_name, shape, shape, shape)
+        config.set_calibration_profile(calib_profile)
+        assert wanted.int8_input is not None
+        calib_cache = plan.calibration_cache_path(engine_dir, key, facts)
+        config.int8_calibrator = _entropy_calibrator(trt, cuda, wanted.int8_input, meta, calib_cache)
     monitor = _progress_monitor(trt, say)
     if monitor is not None:
         config.progress_monitor = monitor
-    timing_path = timing_cache_path(engine_dir, facts, timing_cache)
+    timing_path = plan.timing_cache_path(engine_dir, facts, timing_cache)
     timing_blob = timing_path.read_bytes() if timing_path.is_file() else b""
     timing = config.create_timing_cache(timing_blob)
     if not config.set_timing_cache(timing, ignore_mismatch=False):
@@ -355,8 +232,9 @@ def _build_locked(trt: Any, cuda: Any, plan: EngineKeyAndInputs, facts: DeviceFa
     took = time.monotonic() - started
     cache.atomic_write(timing_path, [bytes(memoryview(config.get_timing_cache().serialize()))])
     path = cache.store(engine_dir, key, blob, extra={
-        "onnx_path": str(plan.onnx_path), "parsed_onnx": str(onnx_file), "build_seconds": round(took, 1),
+        "onnx_path": str(wanted.onnx_path), "parsed_onnx": str(onnx_file), "build_seconds": round(took, 1),
         "workspace_mb": workspace_mb, "strongly_typed": strongly, "timing_cache": str(timing_path),
+        "flags_set": to_set, "flags_cleared": to_clear,
     })
     say(f"engine written: {path} ({len(blob):,} bytes, {took:.0f} s)")
     return path
@@ -373,40 +251,3 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workspace-mb", type=int, default=None, help="builder memory pool limit")
     parser.add_argument("--int8-onnx", default=None, help="Q/DQ model for INT8 (required on TensorRT >= 11)")
     parser.add_argument("--force", action="store_true", help="rebuild even if a valid engine is cached")
-
-
-def main(args: argparse.Namespace) -> int:
-    """`cytoedge engine build`: flags override the config's [tensorrt] section."""
-    from edge import config as cfg
-    from edge.models import resolve_model_path
-    from edge.trt.backend import settings_from
-
-    config = cfg.load(getattr(args, "config", None))
-    settings = settings_from(config.get("tensorrt"))
-    model = resolve_model_path(args.model or config["model"]["path"], config["model"]["store"])
-    precision = args.precision or settings["precision"]
-    engine_dir = Path(args.engine_dir) if args.engine_dir else settings["engine_dir"]
-    opt_batch = args.opt_batch or settings["opt_batch"]
-    max_batch = args.max_batch or settings["max_batch"]
-    int8_onnx = Path(args.int8_onnx) if args.int8_onnx else settings["int8_onnx"]
-    if not args.force:
-        facts = device_facts()
-        plan = make_key(model, precision, opt_batch, max_batch, facts, int8_onnx)
-        state = cache.check(cache.engine_path(engine_dir, plan.key), plan.key)
-        if state.ok:
-            print(f"engine up to date: {state.path} (use --force to rebuild)")
-            return 0
-    build_engine(model, engine_dir, precision, opt_batch, max_batch, args.workspace_mb or settings["workspace_mb"],
-                 settings["timing_cache"], int8_onnx, say=lambda m: print(m, flush=True))
-    return 0
-
-
-if __name__ == "__main__":  # python -m edge.trt.builder MODEL --precision fp16 (before the CLI is wired)
-    _parser = argparse.ArgumentParser(prog="python -m edge.trt.builder")
-    _parser.add_argument("--config", default=None)
-    add_arguments(_parser)
-    try:
-        sys.exit(main(_parser.parse_args()))
-    except ModelError as _exc:
-        print(f"error: {_exc}", file=sys.stderr)
-        sys.exit(_exc.exit_code)

@@ -32,7 +32,7 @@ from typing import Any
 MAGIC = b"CYTOENG1"
 # magic, header length (uint32 LE), header JSON, engine blob.
 _PREFIX = struct.Struct("<8sI")
-KEY_FORMAT = 1
+KEY_FORMAT = 2  # 2: sm_count and tf32 added
 PRECISIONS = ("fp32", "fp16", "int8")
 TEMP_SUFFIX = ".tmp"
 STALE_TEMP_S = 3600.0
@@ -54,6 +54,10 @@ class EngineKey:
     # calibration set; "qdq" = a Q/DQ ONNX) and that input's checksum.
     int8_source: str | None = None
     int8_sha256: str | None = None
+    # Multiprocessor count: pycuda's GPU name can be the same across Orin modules (Nano / NX / AGX).
+    sm_count: int = 0
+    # TF32 allowed in FP32 layers (TensorRT 10's default); False for fp32 engines, which clear it.
+    tf32: bool = False
     model_name: str = "model"
     key_format: int = KEY_FORMAT
 
