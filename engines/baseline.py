@@ -2,7 +2,7 @@
 
 Rebuild the shipped model (about 15 minutes on two cores)::
 
-    python -m engines.baseline train --data /work/shared/data/pbc --out engines/models/baseline-cnn
+    python -m engines.baseline train --data ../shared/data/pbc --out engines/models/baseline-cnn
 
 ``--preset smoke`` trains on a tiny subset in about a minute (CI). A run checkpoints every epoch
 under ``.cache/baseline/``; ``--resume`` continues an interrupted run with the same data order.
