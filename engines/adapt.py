@@ -66,15 +66,26 @@ class AdaptConfig:
 
 
 # ------------------------------------------------------------------------------------------ weights
-def load_weights(model_onnx: Path) -> tuple[BaselineCNN, ModelMetadata]:
-    """The torch network behind ``model_onnx`` (from ``weights.pt`` beside it) and the ONNX file's metadata."""
+def class_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The class logits of a baseline (one output) or a student (logits, uncertainty, anomaly)."""
+    out = model(x)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def load_weights(model_onnx: Path) -> tuple[nn.Module, ModelMetadata]:
+    """The torch network behind ``model_onnx`` (from ``weights.pt`` beside it) and the ONNX file's metadata.
+    A student keeps its uncertainty and anomaly heads, so a site model adapted from it exports them too."""
+    from engines.distill import Student
+
     path = Path(model_onnx).with_name(WEIGHTS_FILE)
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: this model ships no training weights, so it cannot be adapted")
     state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("architecture") != "BaselineCNN":
+    architectures = {"BaselineCNN": BaselineCNN, "Student": Student}
+    if state.get("architecture") not in architectures:
         raise ValueError(f"{path}: cannot adapt architecture {state.get('architecture')!r}")
-    model = BaselineCNN(int(state["num_classes"]), int(state["stem"]), tuple(state["widths"]))
+    model = architectures[state["architecture"]](int(state["num_classes"]), int(state["stem"]),
+                                                 tuple(state["widths"]))
     model.load_state_dict(state["state_dict"])
     model.eval()
     metadata = OnnxRuntimeClassifier(model_onnx, threads=1).metadata
@@ -149,7 +160,7 @@ def fine_tune(model: BaselineCNN, crops_bgr: np.ndarray, labels: np.ndarray, met
     for step, idx in enumerate(order):
         x = augment(to_tensor(crops_bgr[idx]), gen)
         x = normalise(x, meta.mean, meta.std)
-        loss = F.cross_entropy(model(x), y_all[idx])
+        loss = F.cross_entropy(class_logits(model, x), y_all[idx])
         if cfg.l2sp:
             loss = loss + cfg.l2sp * sum(((p - s) ** 2).sum() for p, s in zip(params, start, strict=True))
         optimiser.zero_grad(set_to_none=True)
@@ -183,7 +194,8 @@ def adapt_model(model: BaselineCNN, meta: ModelMetadata, unlabelled_bgr: np.ndar
 @torch.no_grad()
 def predict_probs(model: nn.Module, crops_bgr: np.ndarray, meta: ModelMetadata, batch: int = 256) -> np.ndarray:
     model.eval()
-    parts = [model(_inputs(crops_bgr[i:i + batch], meta)) / meta.temperature for i in range(0, len(crops_bgr), batch)]
+    parts = [class_logits(model, _inputs(crops_bgr[i:i + batch], meta)) / meta.temperature
+             for i in range(0, len(crops_bgr), batch)]
     return torch.cat(parts).softmax(1).numpy() if parts else np.zeros((0, len(meta.classes)), np.float32)
 
 

@@ -11,6 +11,7 @@ under ``.cache/baseline/``; ``--resume`` continues an interrupted run with the s
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import sys
@@ -80,15 +81,14 @@ class BaselineCNN(nn.Module):
 WEIGHTS_FILE = "weights.pt"  # beside model.onnx: what `cytoedge adapt` starts from
 
 
-def save_weights(model: BaselineCNN, path: Path) -> None:
-    """State dict plus the constructor arguments, so ``load_weights`` needs nothing else."""
-    import io
-
-    stem = model.stem[0].out_channels
-    widths = [block.conv2.out_channels for block in model.blocks]
+def save_weights(model: nn.Module, path: Path) -> None:
+    """State dict plus the architecture and its constructor arguments, so ``engines.adapt.load_weights``
+    needs nothing else. A student (``engines.distill.Student``) wraps this network as ``body``."""
+    body = getattr(model, "body", model)
     buffer = io.BytesIO()
-    torch.save({"architecture": "BaselineCNN", "num_classes": model.head.out_features,
-                "stem": stem, "widths": widths, "state_dict": model.state_dict()}, buffer)
+    torch.save({"architecture": type(model).__name__, "num_classes": body.head.out_features,
+                "stem": body.stem[0].out_channels, "widths": [block.conv2.out_channels for block in body.blocks],
+                "state_dict": model.state_dict()}, buffer)
     pbc.atomic_write_bytes(Path(path), buffer.getvalue())
 
 

@@ -36,17 +36,26 @@ def need_data() -> Path:
     return root
 
 
-def session():
+def session_for(path: Path):
     import onnxruntime as ort
 
-    return ort.InferenceSession(str(ONNX), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def session():
+    return session_for(ONNX)
 
 
 # ------------------------------------------------------------------------------------ shipped model
-def test_default_names_the_baseline() -> None:
+def test_default_names_a_distilled_student_that_can_be_adapted() -> None:
     name = (MODELS / "DEFAULT").read_text().strip()
-    assert name == "baseline-cnn"
-    assert (MODELS / name / "model.onnx").is_file()
+    assert name.startswith("student-")
+    folder = MODELS / name
+    for part in ("model.onnx", "card.md", "card.json", "reference.json", "weights.pt", "replay.npz"):
+        assert (folder / part).is_file(), part
+    meta = parse_metadata(session_for(folder / "model.onnx").get_modelmeta().custom_metadata_map[METADATA_KEY],
+                          str(folder / "model.onnx"))
+    assert meta.kind == "student" and meta.uncertainty_output and meta.anomaly_output
 
 
 def test_shipped_model_metadata_is_valid() -> None:

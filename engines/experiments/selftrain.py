@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edge.modelmeta import ModelMetadata
-from engines.adapt import AdaptConfig, balanced_order, fine_tune, predict_probs
+from engines.adapt import AdaptConfig, balanced_order, class_logits, fine_tune, predict_probs
 from engines.baseline import BaselineCNN, augment, normalise, to_tensor
 
 
@@ -87,11 +87,11 @@ def information_maximisation(model: BaselineCNN, crops_bgr: np.ndarray, meta: Mo
             if len(idx) < 2:  # the diversity term needs a batch
                 continue
             x = normalise(augment(to_tensor(crops_bgr[idx]), gen), meta.mean, meta.std)
-            loss, entropy, marginal = im_loss(model(x) / meta.temperature, cfg.im_diversity)
+            loss, entropy, marginal = im_loss(class_logits(model, x) / meta.temperature, cfg.im_diversity)
             if replay_order is not None:
                 r = replay_order[step % len(replay_order)]
                 xr = normalise(augment(to_tensor(replay[0][r]), gen), meta.mean, meta.std)
-                loss = loss + F.cross_entropy(model(xr), replay_y[r])
+                loss = loss + F.cross_entropy(class_logits(model, xr), replay_y[r])
             if not torch.isfinite(loss):
                 raise ValueError(f"information maximisation diverged (loss {loss.item()}) at epoch {epoch + 1}")
             optimiser.zero_grad(set_to_none=True)
