@@ -1,5 +1,6 @@
 """Calibration: making a model's numbers mean what they say.
 
-Now: probability calibration (temperature scaling) shared by every model. Later: INT8 calibration
-sets/caches for TensorRT and the per-microscope scale (µm/px) calibration. See calibration/README.md.
+Probability calibration (temperature scaling) shared by every model, and the INT8 calibration set with
+its Q/DQ model for TensorRT. A microscope's scale and thresholds are measured on site by
+``cytoedge calibrate`` (edge/calibrate.py). See calibration/README.md.
 """

@@ -12,19 +12,23 @@ A model that has only seen one analyser's stain and optics puts foreign cells in
   starting weights (L2-SP) so a handful of labels cannot wreck what PBC taught.
 
 The network's weights come from ``weights.pt`` beside the model's ``model.onnx``. The runtime
-command is ``cytoedge adapt`` (edge/commands/adapt.py); the measurement on wbc-shift with 0/20/50/100
-labelled cells is ``python -m engines.adapt experiment`` (docs/robustness.md, "Adaptation").
+command is ``cytoedge adapt`` (edge/commands/adapt.py); what it buys on wbc-shift with 0/20/50/100
+labelled cells is ``python -m engines.adapt curve MODEL`` (the card's adaptation block, docs/robustness.md).
+Methods that were measured but are not part of the product (self-training, colour matching, ...) live in
+``engines/experiments/adapt_methods.py`` and reuse :func:`adaptation_curve` with their own adapt step.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import itertools
 import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,9 +39,8 @@ from torch import nn
 
 from edge.modelmeta import ModelMetadata
 from edge.onnx_backend import OnnxRuntimeClassifier
-from engines.baseline import BaselineCNN, augment, normalise, to_tensor
+from engines.baseline import WEIGHTS_FILE, BaselineCNN, augment, normalise, to_tensor
 
-WEIGHTS_FILE = "weights.pt"
 REPLAY_FILE = "replay.npz"  # PBC training crops mixed into fine-tuning (see replay_set)
 
 
@@ -55,48 +58,34 @@ class AdaptConfig:
     mixed_batchnorm: bool = False  # batch-norm statistics over site and PBC replay crops together
     seed: int = 0
     threads: int = 1
-    # Training on the site's unlabelled crops after batch-norm re-estimation (engines/selftrain.py):
-    # "none" | "im" (information maximisation, SHOT-IM / TENT) | "selftrain" (class-balanced pseudo-labels).
-    unsupervised: str = "none"
-    im_params: str = "bn"  # "bn": BatchNorm affine weights only (TENT) | "features": all but the head (SHOT)
-    im_epochs: int = 15  # epochs over the site's crops (SHOT's default)
-    im_lr: float = 1e-3  # Adam for "bn" (TENT), SGD with momentum 0.9 for "features" (SHOT's backbone lr)
-    im_diversity: float = 1.0  # weight of the entropy of the batch-mean prediction (0 = TENT's objective)
-    st_portions: tuple[float, ...] = (0.2, 0.35, 0.5)  # self-training: share of each predicted class kept, per round
-    # Reinhard colour matching of the site's crops to PBC's CIELAB statistics before everything else;
-    # applied by the experiment only (the runtime cannot apply a per-site colour transform yet).
-    colour_match: bool = False
 
     @property
     def uses_unlabelled_training(self) -> bool:
-        """Trains on unlabelled site crops, so it has something to do with no labels at all."""
-        return self.unsupervised != "none"
+        """Trains on unlabelled site crops beyond batch norm (only experiment methods do)."""
+        return False
 
 
 # ------------------------------------------------------------------------------------------ weights
-def save_weights(model: BaselineCNN, path: Path) -> None:
-    """State dict plus the constructor arguments, so ``load_weights`` needs nothing else."""
-    import io
-
-    from engines.pbc import atomic_write_bytes
-
-    stem = model.stem[0].out_channels
-    widths = [block.conv2.out_channels for block in model.blocks]
-    buffer = io.BytesIO()
-    torch.save({"architecture": "BaselineCNN", "num_classes": model.head.out_features,
-                "stem": stem, "widths": widths, "state_dict": model.state_dict()}, buffer)
-    atomic_write_bytes(Path(path), buffer.getvalue())
+def class_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The class logits of a baseline (one output) or a student (logits, uncertainty, anomaly)."""
+    out = model(x)
+    return out[0] if isinstance(out, tuple) else out
 
 
-def load_weights(model_onnx: Path) -> tuple[BaselineCNN, ModelMetadata]:
-    """The torch network behind ``model_onnx`` (from ``weights.pt`` beside it) and the ONNX file's metadata."""
+def load_weights(model_onnx: Path) -> tuple[nn.Module, ModelMetadata]:
+    """The torch network behind ``model_onnx`` (from ``weights.pt`` beside it) and the ONNX file's metadata.
+    A student keeps its uncertainty and anomaly heads, so a site model adapted from it exports them too."""
+    from engines.distill import Student
+
     path = Path(model_onnx).with_name(WEIGHTS_FILE)
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: this model ships no training weights, so it cannot be adapted")
     state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("architecture") != "BaselineCNN":
+    architectures = {"BaselineCNN": BaselineCNN, "Student": Student}
+    if state.get("architecture") not in architectures:
         raise ValueError(f"{path}: cannot adapt architecture {state.get('architecture')!r}")
-    model = BaselineCNN(int(state["num_classes"]), int(state["stem"]), tuple(state["widths"]))
+    model = architectures[state["architecture"]](int(state["num_classes"]), int(state["stem"]),
+                                                 tuple(state["widths"]))
     model.load_state_dict(state["state_dict"])
     model.eval()
     metadata = OnnxRuntimeClassifier(model_onnx, threads=1).metadata
@@ -131,7 +120,7 @@ def reestimate_batchnorm(model: nn.Module, crops_bgr: np.ndarray, meta: ModelMet
     model.eval()
 
 
-def _balanced_order(labels: np.ndarray, steps: int, batch: int, rng: np.random.Generator) -> np.ndarray:
+def balanced_order(labels: np.ndarray, steps: int, batch: int, rng: np.random.Generator) -> np.ndarray:
     """Indices drawn so each class present appears about equally often (a site's labels are mostly neutrophils)."""
     classes = np.unique(labels)
     weights = np.zeros(len(labels))
@@ -157,10 +146,10 @@ def fine_tune(model: BaselineCNN, crops_bgr: np.ndarray, labels: np.ndarray, met
     optimiser = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     steps_per_epoch = max(1, math.ceil(len(labels) / cfg.batch_size))
     rng = np.random.default_rng(cfg.seed)
-    order = _balanced_order(labels, cfg.epochs * steps_per_epoch, min(cfg.batch_size, max(2, len(labels))), rng)
+    order = balanced_order(labels, cfg.epochs * steps_per_epoch, min(cfg.batch_size, max(2, len(labels))), rng)
     replay_order = None
     if replay is not None and len(replay[1]):
-        replay_order = _balanced_order(replay[1], len(order), order.shape[1], rng)
+        replay_order = balanced_order(replay[1], len(order), order.shape[1], rng)
         crops_bgr = np.concatenate([crops_bgr, replay[0]])
         labels = np.concatenate([labels, replay[1]])
         replay_order = replay_order + (len(labels) - len(replay[1]))
@@ -171,7 +160,7 @@ def fine_tune(model: BaselineCNN, crops_bgr: np.ndarray, labels: np.ndarray, met
     for step, idx in enumerate(order):
         x = augment(to_tensor(crops_bgr[idx]), gen)
         x = normalise(x, meta.mean, meta.std)
-        loss = F.cross_entropy(model(x), y_all[idx])
+        loss = F.cross_entropy(class_logits(model, x), y_all[idx])
         if cfg.l2sp:
             loss = loss + cfg.l2sp * sum(((p - s) ** 2).sum() for p, s in zip(params, start, strict=True))
         optimiser.zero_grad(set_to_none=True)
@@ -187,11 +176,7 @@ def fine_tune(model: BaselineCNN, crops_bgr: np.ndarray, labels: np.ndarray, met
 def adapt_model(model: BaselineCNN, meta: ModelMetadata, unlabelled_bgr: np.ndarray, labelled_bgr: np.ndarray,
                 labels: np.ndarray, cfg: AdaptConfig, replay: tuple[np.ndarray, np.ndarray] | None = None,
                 log=print) -> BaselineCNN:
-    """BatchNorm re-estimation on every site crop (labelled ones too), then, if ``cfg.unsupervised``,
-    training on the unlabelled crops (engines/selftrain.py), then fine-tuning on the labels (self-training
-    fine-tunes on labels and pseudo-labels together). ``cfg.colour_match`` is the caller's job."""
-    if cfg.unsupervised not in ("none", "im", "selftrain"):
-        raise ValueError(f"unknown unsupervised method {cfg.unsupervised!r} (none, im or selftrain)")
+    """BatchNorm re-estimation on every site crop (labelled ones too), then fine-tuning on the labels."""
     torch.set_num_threads(cfg.threads)
     if cfg.batchnorm:
         parts = [unlabelled_bgr, labelled_bgr]
@@ -202,26 +187,15 @@ def adapt_model(model: BaselineCNN, meta: ModelMetadata, unlabelled_bgr: np.ndar
             raise ValueError(f"batch-norm re-estimation needs at least 16 site crops, got {len(pool)}")
         reestimate_batchnorm(model, pool, meta)
         log(f"re-estimated batch-norm statistics on {len(pool)} site crops")
-    replay = replay if cfg.replay else None
-    if cfg.unsupervised == "selftrain":
-        from engines.selftrain import self_train
-
-        self_train(model, unlabelled_bgr, labelled_bgr, labels, meta, cfg, replay, log)
-        return model
-    if cfg.unsupervised == "im":
-        from engines.selftrain import information_maximisation, without_labelled
-
-        site = [c for c in (without_labelled(unlabelled_bgr, labelled_bgr), labelled_bgr) if len(c)]
-        if site:
-            information_maximisation(model, np.concatenate(site), meta, cfg, replay, log)
-    fine_tune(model, labelled_bgr, labels, meta, cfg, replay, log)
+    fine_tune(model, labelled_bgr, labels, meta, cfg, replay if cfg.replay else None, log)
     return model
 
 
 @torch.no_grad()
 def predict_probs(model: nn.Module, crops_bgr: np.ndarray, meta: ModelMetadata, batch: int = 256) -> np.ndarray:
     model.eval()
-    parts = [model(_inputs(crops_bgr[i:i + batch], meta)) / meta.temperature for i in range(0, len(crops_bgr), batch)]
+    parts = [class_logits(model, _inputs(crops_bgr[i:i + batch], meta)) / meta.temperature
+             for i in range(0, len(crops_bgr), batch)]
     return torch.cat(parts).softmax(1).numpy() if parts else np.zeros((0, len(meta.classes)), np.float32)
 
 
@@ -256,36 +230,23 @@ def load_replay(model_onnx: Path, classes: list[str]) -> tuple[np.ndarray, np.nd
     return crops, labels
 
 
-# ------------------------------------------------------------------------------------- experiment
-def _draw_labelled(labels: np.ndarray, pool: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+# ---------------------------------------------------------------------------- adaptation curve
+def draw_labelled(pool: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     """n cells from pool, as a reviewer would meet them: at random, so the mix follows the slide."""
     return rng.choice(pool, size=min(n, len(pool)), replace=False) if n else np.zeros(0, np.int64)
 
 
+# What the card's adaptation block measures: no adaptation, batch norm only (no labels), and what
+# `cytoedge adapt` does by default (edge/commands/adapt.py, DEFAULT_METHOD).
 METHODS: dict[str, AdaptConfig] = {
     "none": AdaptConfig(batchnorm=False, layers="none"),
     "bn": AdaptConfig(batchnorm=True, layers="none"),
-    "head": AdaptConfig(batchnorm=False, layers="head", lr=3e-3),
-    "bn+head": AdaptConfig(batchnorm=True, layers="head", lr=3e-3),
-    "bn+all": AdaptConfig(batchnorm=True, layers="all"),
-    "all+replay": AdaptConfig(batchnorm=False, layers="all", replay=True),
     "bn+all+replay": AdaptConfig(batchnorm=True, layers="all", replay=True),
-    "mixbn+all+replay": AdaptConfig(batchnorm=True, layers="all", replay=True, mixed_batchnorm=True),
-    # Unsupervised (engines/selftrain.py, docs/adapt-unsupervised.json); literature defaults, fixed up front.
-    "bn+tent": AdaptConfig(batchnorm=True, layers="none", unsupervised="im", im_diversity=0.0),
-    "bn+im": AdaptConfig(batchnorm=True, layers="none", unsupervised="im"),
-    "bn+im+replay": AdaptConfig(batchnorm=True, layers="none", unsupervised="im", replay=True),
-    "bn+shot": AdaptConfig(batchnorm=True, layers="none", unsupervised="im", im_params="features"),
-    "bn+shot+replay": AdaptConfig(batchnorm=True, layers="none", unsupervised="im", im_params="features",
-                                  replay=True),
-    "bn+st+replay": AdaptConfig(batchnorm=True, layers="all", unsupervised="selftrain", replay=True),
-    "colour+bn": AdaptConfig(batchnorm=True, layers="none", colour_match=True),
-    # ... followed by the labelled fine-tuning of "bn+all+replay" (self-training takes labels itself).
-    "bn+im+all+replay": AdaptConfig(batchnorm=True, layers="all", unsupervised="im", replay=True),
-    "bn+shot+all+replay": AdaptConfig(batchnorm=True, layers="all", unsupervised="im", im_params="features",
-                                      replay=True),
-    "colour+bn+all+replay": AdaptConfig(batchnorm=True, layers="all", replay=True, colour_match=True),
 }
+CURVE_SHOTS = (0, 20, 50, 100)
+
+AdaptStep = Callable[..., BaselineCNN]
+SiteView = Callable[[AdaptConfig, np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]], np.ndarray]
 
 
 def _mean_sd(values: list[float | None]) -> tuple[float | None, float | None]:
@@ -299,7 +260,7 @@ def _shares(pred: np.ndarray, k: int) -> list[float]:
 
 
 def runs_at(cfg: AdaptConfig, n_labels: int) -> bool:
-    """Whether the experiment measures ``cfg`` with ``n_labels`` labelled cells: methods that fine-tune on
+    """Whether the curve measures ``cfg`` with ``n_labels`` labelled cells: methods that fine-tune on
     labels need some, methods that do not cannot use them; training on unlabelled crops works at 0."""
     if n_labels == 0:
         return cfg.layers == "none" or cfg.uses_unlabelled_training
@@ -323,48 +284,50 @@ def replay_set(pbc_root: Path, classes: list[str], per_class: int, size: int, se
     return crops, np.array([classes.index(s.label) for s in chosen], np.int64)
 
 
-def experiment(model_onnx: Path, shots: tuple[int, ...], seeds: int, methods: list[str], out: Path | None,
-               epochs: int, log=print, domains: tuple[str, ...] | None = None) -> dict:
+def adaptation_curve(model_onnx: Path, shots: tuple[int, ...], seeds: int, methods: dict[str, AdaptConfig],
+                     out: Path | None, epochs: int, log=print, domains: tuple[str, ...] | None = None,
+                     adapt_step: AdaptStep = adapt_model, site_view: SiteView | None = None) -> dict:
     """For each wbc-shift domain: half the cells are a fixed test set, the other half the site's pool
     (all of it unlabelled for batch norm; n of it labelled). Balanced accuracy over the classes present,
     mean ± sd over seeds; PBC test balanced accuracy of the adapted model next to it. ``pool_balanced_accuracy``
     is measured on the pool's unlabelled cells (those the method adapted on, transductively): the figure
-    to choose between methods by, so that the test half is never used to choose."""
-    from engines import colourmatch, evaluate, ood, pbc
+    to choose between methods by, so that the test half is never used to choose.
+
+    ``adapt_step`` and ``site_view`` (crops as a method sees them, e.g. colour-matched) let experiments
+    measure other methods with exactly this protocol."""
+    from engines import evaluate, ood, pbc
 
     base, meta = load_weights(model_onnx)
     site_cells, scales = ood.domain_crops(meta.classes, meta.field_um, meta.input_size, domains or ood.DOMAINS)
     pbc_root = pbc.data_dir(None)
     _, pbc_images, pbc_labels = evaluate.test_split(Path(model_onnx).parent, pbc_root)
     replay = replay_set(pbc_root, meta.classes, 50, meta.input_size)
-    report: dict = {"model": str(model_onnx), "scales": {d: s["um_per_px"] for d, s in scales.items()},
-                    "epochs": epochs, "seeds": seeds, "methods": {m: asdict(METHODS[m]) for m in methods},
+    report: dict = {"model": Path(model_onnx).parent.name + "/" + Path(model_onnx).name,
+                    "scales": {d: s["um_per_px"] for d, s in scales.items()},
+                    "epochs": epochs, "seeds": seeds, "methods": {m: asdict(c) for m, c in methods.items()},
                     "threads": torch.get_num_threads(), "domains": {}}
-    replay_stats = colourmatch.lab_stats(replay[0])
     for domain, (crops, labels) in site_cells.items():
         split_rng = np.random.default_rng(12345)
         order = split_rng.permutation(len(labels))
         test, pool = order[: len(order) // 2], order[len(order) // 2:]
-        # A fixed per-site colour transform, fitted on the pool's crops only, applied to every crop of the site.
-        matched = colourmatch.match(crops, colourmatch.lab_stats(crops[pool]), replay_stats)
         rows = report["domains"].setdefault(domain, {"n_test": len(test), "n_pool": len(pool), "results": []})
         for n in shots:
             if n > len(pool):
                 log(f"{domain}: skip n={n} (only {len(pool)} cells in the pool)")
                 continue
-            for method in methods:
-                if not runs_at(METHODS[method], n):
+            for method, method_cfg in methods.items():
+                if not runs_at(method_cfg, n):
                     continue
-                site_crops = matched if METHODS[method].colour_match else crops
+                site_crops = site_view(method_cfg, crops, pool, replay) if site_view else crops
                 runs = []
-                for seed in range(seeds if n or METHODS[method].uses_unlabelled_training else 1):
+                for seed in range(seeds if n or method_cfg.uses_unlabelled_training else 1):
                     began = time.time()
                     rng = np.random.default_rng([seed, n])
-                    chosen_idx = _draw_labelled(labels, pool, n, rng)
+                    chosen_idx = draw_labelled(pool, n, rng)
                     model = copy.deepcopy(base)
-                    cfg = AdaptConfig(**{**asdict(METHODS[method]), "seed": seed, "epochs": epochs})
-                    adapt_model(model, meta, site_crops[pool], site_crops[chosen_idx], labels[chosen_idx], cfg,
-                                replay, log=lambda *_: None)
+                    cfg = dataclasses.replace(method_cfg, seed=seed, epochs=epochs)
+                    adapt_step(model, meta, site_crops[pool], site_crops[chosen_idx], labels[chosen_idx], cfg,
+                               replay, log=lambda *_: None)
                     seconds = time.time() - began
                     probs = predict_probs(model, site_crops[test], meta)
                     site = evaluate.classification_metrics(probs.argmax(1), labels[test], meta.classes)
@@ -397,9 +360,9 @@ def experiment(model_onnx: Path, shots: tuple[int, ...], seeds: int, methods: li
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engines.adapt", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("experiment", help="adaptation gain on wbc-shift with 0/20/50/100 labelled cells")
+    p = sub.add_parser("curve", help="what adapting buys on wbc-shift with 0/20/50/100 labelled cells")
     p.add_argument("model", type=Path, help="model.onnx with weights.pt beside it")
-    p.add_argument("--shots", type=int, nargs="+", default=[0, 20, 50, 100])
+    p.add_argument("--shots", type=int, nargs="+", default=list(CURVE_SHOTS))
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=AdaptConfig.epochs)
     p.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=list(METHODS))
@@ -411,8 +374,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="wbc-shift domains to measure (default: all)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    report = experiment(args.model, tuple(args.shots), args.seeds, args.methods, args.out, args.epochs,
-                        domains=tuple(args.domains) if args.domains else None)
+    report = adaptation_curve(args.model, tuple(args.shots), args.seeds, {m: METHODS[m] for m in args.methods},
+                              args.out, args.epochs, domains=tuple(args.domains) if args.domains else None)
     if not args.out:
         print(json.dumps(report, indent=1))
     return 0

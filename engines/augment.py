@@ -248,7 +248,7 @@ _STRONG = (
 PIPELINES["strong"] = Pipeline(_STRONG)
 PIPELINES["strong-isolate"] = Pipeline((_STRONG[0], Step("isolate", 0.5), *_STRONG[1:]))
 
-# The ablation of issue 9 (engines/ablate.py) asks what each kind of lab-to-lab variation buys, so the
+# The ablation of issue 9 (engines/experiments/ablate.py) asks what each kind of lab-to-lab variation buys, so the
 # ops are grouped by the physical cause they mimic and "robust" is retrained with one group left out.
 GROUPS: dict[str, tuple[str, ...]] = {
     "colour": ("stain", "hsv", "white_balance", "gamma"),

@@ -2,7 +2,7 @@
 
 Rebuild the shipped model (about 15 minutes on two cores)::
 
-    python -m engines.baseline train --data /work/shared/data/pbc --out engines/models/baseline-cnn
+    python -m engines.baseline train --data ../shared/data/pbc --out engines/models/baseline-cnn
 
 ``--preset smoke`` trains on a tiny subset in about a minute (CI). A run checkpoints every epoch
 under ``.cache/baseline/``; ``--resume`` continues an interrupted run with the same data order.
@@ -11,6 +11,7 @@ under ``.cache/baseline/``; ``--resume`` continues an interrupted run with the s
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import sys
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from calibration.temperature import fit_temperature
 from edge.classifier import hide_context
 from engines import pbc
 
@@ -74,6 +76,20 @@ class BaselineCNN(nn.Module):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         x = self.blocks(self.stem(image))
         return self.head(self.dropout(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)))
+
+
+WEIGHTS_FILE = "weights.pt"  # beside model.onnx: what `cytoedge adapt` starts from
+
+
+def save_weights(model: nn.Module, path: Path) -> None:
+    """State dict plus the architecture and its constructor arguments, so ``engines.adapt.load_weights``
+    needs nothing else. A student (``engines.distill.Student``) wraps this network as ``body``."""
+    body = getattr(model, "body", model)
+    buffer = io.BytesIO()
+    torch.save({"architecture": type(model).__name__, "num_classes": body.head.out_features,
+                "stem": body.stem[0].out_channels, "widths": [block.conv2.out_channels for block in body.blocks],
+                "state_dict": model.state_dict()}, buffer)
+    pbc.atomic_write_bytes(Path(path), buffer.getvalue())
 
 
 def count_params(model: nn.Module) -> int:
@@ -316,15 +332,13 @@ def build(args: argparse.Namespace) -> int:
     )
     onnx_path = out / "model.onnx"
     export.export_onnx(model, onnx_path, meta)
-    temperature = evaluate.fit_temperature(evaluate.onnx_logits(onnx_path, data.images["val"]), data.labels["val"])
+    temperature = fit_temperature(evaluate.onnx_logits(onnx_path, data.images["val"]), data.labels["val"])
     meta = export.replace(meta, temperature=round(temperature, 4))
     export.write_metadata(onnx_path, meta)
     print(f"exported {onnx_path} ({onnx_path.stat().st_size / 1e6:.2f} MB), temperature {meta.temperature}")
-    from engines.adapt import WEIGHTS_FILE, save_weights
-
     save_weights(model, out / WEIGHTS_FILE)  # what `cytoedge adapt` starts from
     # The command that rebuilds this model; --resume only skips finished epochs, so it is left out.
-    command = " ".join(["python -m engines.baseline", *[a for a in sys.argv[1:] if a != "--resume"]])
+    command = pbc.portable_command("engines.baseline", [a for a in sys.argv[1:] if a != "--resume"])
     training = {
         "command": command, "preset": args.preset, "config": asdict(cfg), "params": count_params(model),
         "train_seconds": round(train_seconds, 1), "wall_seconds": round(time.time() - began, 1),

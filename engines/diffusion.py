@@ -116,16 +116,17 @@ class UNet(nn.Module):
     Class index ``num_classes`` is the null class (unconditional prediction)."""
 
     def __init__(self, num_classes: int, widths: tuple[int, ...] = (48, 96, 128), emb: int = 128,
-                 patch: int = 2) -> None:
+                 patch: int = 2, channels: int = 3) -> None:
         super().__init__()
         self.patch = patch
+        self.channels = channels
         self.num_classes = num_classes
         self.emb_dim = emb
         self.time_mlp = nn.Sequential(nn.Linear(emb, emb), nn.SiLU(), nn.Linear(emb, emb))
         self.class_emb = nn.Embedding(num_classes + 1, emb)
         # Pixel-unshuffle by ``patch``: a 32 px image becomes 16x16x12, which cuts the cost ~4x while
         # the network still sees (and predicts) every pixel.
-        self.stem = nn.Conv2d(3 * patch * patch, widths[0], 3, padding=1)
+        self.stem = nn.Conv2d(channels * patch * patch, widths[0], 3, padding=1)
         self.down = nn.ModuleList()
         self.pool = nn.ModuleList()
         cin = widths[0]
@@ -140,7 +141,7 @@ class UNet(nn.Module):
             self.up.append(ResBlock(cin + widths[i], widths[i], emb))
             cin = widths[i]
         self.out_norm = nn.GroupNorm(8, cin)
-        self.out = nn.Conv2d(cin, 3 * patch * patch, 3, padding=1)
+        self.out = nn.Conv2d(cin, channels * patch * patch, 3, padding=1)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
@@ -179,7 +180,7 @@ def unet_macs(model: UNet, resolution: int = RESOLUTION) -> int:
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     with torch.no_grad():
-        model(torch.zeros(1, 3, resolution, resolution), torch.zeros(1, dtype=torch.long),
+        model(torch.zeros(1, model.channels, resolution, resolution), torch.zeros(1, dtype=torch.long),
               torch.zeros(1, dtype=torch.long))
     for h in handles:
         h.remove()

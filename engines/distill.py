@@ -54,6 +54,11 @@ class Student(nn.Module):
         aux = torch.sigmoid(self.aux(pooled))
         return logits, aux[:, 0], aux[:, 1]
 
+    @property
+    def head(self) -> nn.Linear:
+        """The class head (what ``cytoedge adapt --layers head`` fine-tunes), as on the baseline."""
+        return self.body.head
+
 
 @dataclass
 class DistillConfig:

@@ -20,14 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
+from calibration.temperature import nll
 from edge.classifier import preprocess, scores_from_outputs, softmax
 from edge.modelmeta import ModelMetadata, file_sha256
 from engines import ood_card, pbc
-
-# The adaptation curve the card reports: no adaptation, batch norm only (no labels), and what
-# `cytoedge adapt` does by default (edge/commands/adapt.py), at the label counts a site would have.
-ADAPT_SHOTS = (0, 20, 50, 100)
-ADAPT_METHODS = ("none", "bn", "bn+all+replay")
 
 ECE_BINS = 15
 EXCLUDE_FRACTIONS = (0.05, 0.10, 0.20)
@@ -35,37 +31,6 @@ TIMING_BATCH = 64
 
 
 # ------------------------------------------------------------------------------------- calibration
-def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
-    """Mean negative log-likelihood of the true class after dividing logits by ``temperature``."""
-    z = logits.astype(np.float64) / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    log_probs = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    return float(-log_probs[np.arange(len(labels)), labels].mean())
-
-
-def fit_temperature(logits: np.ndarray, labels: np.ndarray, low: float = 0.05, high: float = 20.0,
-                    iterations: int = 100) -> float:
-    """Temperature scaling (Guo et al. 2017): the T minimising validation NLL.
-
-    NLL is convex in 1/T, hence unimodal in log T, so a golden-section search on log T finds the
-    optimum without torch or scipy and gives the same answer on every machine.
-    """
-    if len(labels) == 0:
-        return 1.0
-    a, b = math.log(low), math.log(high)
-    ratio = (math.sqrt(5) - 1) / 2
-    c, d = b - ratio * (b - a), a + ratio * (b - a)
-    fc, fd = nll(logits, labels, math.exp(c)), nll(logits, labels, math.exp(d))
-    for _ in range(iterations):
-        if fc < fd:
-            b, d, fd = d, c, fc
-            c = b - ratio * (b - a)
-            fc = nll(logits, labels, math.exp(c))
-        else:
-            a, c, fc = c, d, fd
-            d = a + ratio * (b - a)
-            fd = nll(logits, labels, math.exp(d))
-    return float(math.exp((a + b) / 2))
 
 
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
@@ -403,8 +368,10 @@ def test_split(model_dir: Path, data: Path | None) -> tuple[Path, np.ndarray, np
 
 
 def out_of_domain(model_dir: Path, onnx_path: Path, data: str | None, adapt: bool, seeds: int, threads: int,
-                  write: bool, teacher: list[Path] | None = None) -> int:
-    """wbc-shift figures (and, with ``adapt``, the 0/20/50/100-label adaptation curve) for this model."""
+                  write: bool) -> int:
+    """wbc-shift figures (and, with ``adapt``, the 0/20/50/100-label adaptation curve) for this model.
+    A student's card also shows its teacher on the same cells when ``teacher-ood.json`` lies beside it
+    (written by ``python -m engines.experiments.ood_teacher``: the teacher is not shipped)."""
     from engines import ood, ood_card
 
     root = ood.data_dir(None)
@@ -423,17 +390,10 @@ def out_of_domain(model_dir: Path, onnx_path: Path, data: str | None, adapt: boo
             import torch
 
             torch.set_num_threads(threads)
-            adaptation = adapting.experiment(onnx_path, shots=ADAPT_SHOTS, seeds=seeds, methods=list(ADAPT_METHODS),
-                                             out=None, epochs=adapting.AdaptConfig.epochs)
-    teacher_report = None
-    if teacher:
-        from engines import ood_teacher
-
-        out = model_dir / "teacher-ood.json"
-        argv = ["--teacher", str(teacher[0]), "--calib", str(teacher[1]), "--pbc-errors", str(teacher[2]),
-                "--models", str(onnx_path), "--out", str(out), "--threads", str(threads)]
-        if ood_teacher.main(argv) == 0:
-            teacher_report = json.loads(out.read_text())
+            adaptation = adapting.adaptation_curve(onnx_path, adapting.CURVE_SHOTS, seeds, adapting.METHODS,
+                                                   out=None, epochs=adapting.AdaptConfig.epochs)
+    teacher_file = model_dir / "teacher-ood.json"
+    teacher_report = json.loads(teacher_file.read_text()) if teacher_file.is_file() else None
     if write:
         ood_card.update_card(model_dir, report, adaptation, teacher_report)
         print(f"wrote the out-of-domain figures into {model_dir / 'card.json'} and {model_dir / 'card.md'}")
@@ -454,9 +414,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --ood: also the site-adaptation curve (0/20/50/100 labels; needs weights.pt)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per adaptation setting")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for adaptation")
-    parser.add_argument("--teacher", type=Path, nargs=3, metavar=("TEACHER_PT", "CALIB_JSON", "PBC_ERRORS_NPZ"),
-                        default=None, help="with --ood, for a student: also score its diffusion teacher on the "
-                        "same cells (engines.ood_teacher)")
     parser.add_argument("--ood-only", action="store_true",
                         help="skip the PBC test-split card refresh (for cards written by another engine)")
     args = parser.parse_args(argv)
@@ -472,8 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(json.dumps({k: v for k, v in report.items() if k != "confusion"}, indent=2))
     if args.ood or args.ood_only:
-        return out_of_domain(args.model_dir, onnx_path, args.data, args.adapt, args.seeds, args.threads, args.write,
-                             args.teacher)
+        return out_of_domain(args.model_dir, onnx_path, args.data, args.adapt, args.seeds, args.threads, args.write)
     return 0
 
 

@@ -3,7 +3,7 @@
     python -m engines.ood engines/models/baseline-cnn/model.onnx [--out ood.json]
 
 Data: ``wbc-shift/`` (tecom: Motic camera, rapid stain, 120 px crops; cellavision-blog: 300 px
-CellaVision crops); see /work/shared/data/README.md. Neither set states its µm/px, so, as the runtime
+CellaVision crops); see ../shared/data/README.md. Neither set states its µm/px, so, as the runtime
 must at a new microscope, the scale is matched first by cell size (:func:`estimate_scales`), then
 the model's own field (36 µm) is cut around the crop centre with the runtime's ``cut_crops``
 (padding with the background colour) and classified through the runtime's ONNX backend. The same
@@ -154,6 +154,9 @@ def domain_crops(classes: list[str], field_um: float, size: int, domains: Sequen
 
 
 # ---------------------------------------------------------------------------------------- metrics
+RISK_FRACTIONS = (0.0, 0.2, 0.5, 0.8)
+
+
 def score(model: OnnxRuntimeClassifier, crops: np.ndarray, labels: np.ndarray, pred: Predictions | None = None,
           with_alarm: bool = False) -> dict:
     """Balanced accuracy over the classes present, per-class recall, ECE, review share, predictions;
@@ -177,6 +180,10 @@ def score(model: OnnxRuntimeClassifier, crops: np.ndarray, labels: np.ndarray, p
         "review_share": round(float(review.mean()), 4),
         "accuracy_not_reviewed": round(float((predicted[kept] == labels[kept]).mean()), 4) if kept.any() else None,
         "predicted": {c: int((predicted == i).sum()) for i, c in enumerate(classes)},
+        # Does the uncertainty output rank this microscope's errors? Accuracy of the cells kept when the
+        # most uncertain share goes to review (a flat row = the score knows nothing here).
+        "risk_coverage": {k: round(v, 4) for k, v in evaluate.risk_coverage(
+            predicted == labels, pred.uncertainty, RISK_FRACTIONS).items()},
     }
     if with_alarm:
         reference = load_reference(model.path, model.metadata.reference, model.sha256)

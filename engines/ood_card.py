@@ -78,7 +78,8 @@ def _adaptation_rows(adaptation: dict) -> list[str]:
 
 def _teacher_rows(teacher: dict) -> list[str]:
     rows = ["", "### The diffusion teacher on the same cells", "",
-            f"Scored with its own code (`python -m engines.ood_teacher`, K = {len(teacher['timesteps'])} timesteps, "
+            f"Scored with its own code (`python -m engines.experiments.ood_teacher`, "
+            f"K = {len(teacher['timesteps'])} timesteps, "
             f"τ {teacher['tau']:.4g}, anomaly `{teacher['anomaly']}`), on the same crops; PBC from its test-split run.",
             "", "| data | n | balanced accuracy | ECE | mean confidence | sent to review |",
             "|---|---|---|---|---|---|"]
@@ -90,6 +91,20 @@ def _teacher_rows(teacher: dict) -> list[str]:
     for domain, scores in teacher["separation_auroc"].items():
         rows.append(f"- {domain}: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()) + ".")
     return rows
+
+
+def _risk_rows(ood: dict) -> list[str]:
+    """Risk-coverage per set: accuracy of the cells kept when the most uncertain share goes to review."""
+    rows = [(name, d["risk_coverage"]) for name, d in
+            ([("PBC test", ood["pbc_test"])] if ood.get("pbc_test") else []) + list(ood["domains"].items())
+            if d.get("risk_coverage")]
+    if not rows:
+        return []
+    keys = list(rows[0][1])
+    header = " | ".join(f"{k.removeprefix('exclude_').removesuffix('pct')}% to review" for k in keys)
+    return ["", "Risk-coverage (the model's uncertainty output decides which cells go to review; accuracy of the "
+            "cells it keeps, not balanced):", "", f"| data | {header} |", "|---|" + "---|" * len(keys),
+            *(f"| {name} | " + " | ".join(_pct(rc[k]) for k in keys) + " |" for name, rc in rows)]
 
 
 def render_section(ood: dict, adaptation: dict | None, teacher: dict | None = None) -> str:
@@ -123,6 +138,7 @@ def render_section(ood: dict, adaptation: dict | None, teacher: dict | None = No
     for domain, d in ood["domains"].items():
         recall = ", ".join(f"{c} {_pct(r)} ({d['support'][c]})" for c, r in d["per_class_recall"].items())
         lines.append(f"- {domain}: recall per class (support): {recall}.")
+    lines += _risk_rows(ood)
     if teacher:
         lines += _teacher_rows(teacher)
     if adaptation:
@@ -148,7 +164,7 @@ def render_section(ood: dict, adaptation: dict | None, teacher: dict | None = No
 def summarise(ood: dict) -> dict:
     """What card.json keeps of the OOD report (the full report, less per-scale repetition)."""
     keep = ("n", "um_per_px", "balanced_accuracy", "per_class_recall", "support", "ece", "mean_confidence",
-            "review_share", "accuracy_not_reviewed", "predicted", "sensitivity", "alarm")
+            "review_share", "accuracy_not_reviewed", "predicted", "sensitivity", "alarm", "risk_coverage")
     return {"model": ood["model"], "review_rule": ood["review_rule"], "scales": ood["scales"],
             "domains": {d: {k: v for k, v in r.items() if k in keep} for d, r in ood["domains"].items()},
             "pbc_test": ood.get("pbc_test")}

@@ -51,6 +51,26 @@ def shared_dataset(name: str, env_var: str, explicit: str | os.PathLike[str] | N
     return REPO_ROOT.parent / "shared" / "data" / name
 
 
+def portable_path(value: str) -> str:
+    """An argument as a card should record it: paths inside the repository or the shared data folder
+    relative to the repository root (``../shared/data/...``), so no card names one machine's folders."""
+    path = Path(value)
+    if not path.is_absolute():
+        return value
+    resolved = path.resolve()
+    for base, prefix in ((REPO_ROOT, ""), (REPO_ROOT.parent / "shared", "../shared/")):
+        try:
+            return prefix + resolved.relative_to(base.resolve()).as_posix()
+        except ValueError:
+            continue
+    return "$" + "PATH_GIVEN_" + path.name.upper().replace("-", "_").replace(".", "_")
+
+
+def portable_command(module: str, argv: list[str]) -> str:
+    """The command that rebuilds a model, with every path made portable (see :func:`portable_path`)."""
+    return " ".join([f"python -m {module}", *(portable_path(a) for a in argv)])
+
+
 def data_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
     """Where the PBC data lives ($CYTOEDGE_PBC overrides)."""
     return shared_dataset("pbc", "CYTOEDGE_PBC", explicit)

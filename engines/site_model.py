@@ -32,9 +32,8 @@ from engines.adapt import (
     load_replay,
     load_weights,
     predict_probs,
-    save_weights,
 )
-from engines.baseline import BaselineCNN
+from engines.baseline import BaselineCNN, save_weights
 from engines.reference import cell_features
 
 FOLDS = 5

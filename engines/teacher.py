@@ -75,7 +75,7 @@ def denoising_errors(model: UNet, x0: torch.Tensor, cfg: ScoreConfig) -> tuple[n
     b, _, size, _ = x0.shape
     alpha_bar = cosine_alpha_bar()
     mask = disc_mask(size, cfg.disc_radius)
-    mask_sum = float(mask.sum()) * 3
+    mask_sum = float(mask.sum()) * x0.shape[1]
     k_total = len(cfg.timesteps)
     errors = np.full((b, num_classes + 1, k_total), np.nan, np.float32)
     active = np.ones((b, num_classes + 1), bool)

@@ -112,3 +112,36 @@ def smoke_pbc_root() -> Path:
 
     root = pbc.data_dir()
     return root if (root / "manifest.csv").is_file() else PBC_MINI
+
+
+# ------------------------------------------------------------------------------------------- tiers
+# Every test gets exactly one tier marker, from what its module needs, so a developer can run the
+# fast tier alone (`pytest -m unit`) and CI runs them all:
+#   browser     drives a real headless Chromium
+#   data        reads ../shared/data (skips with the reason when it is absent)
+#   integration starts real processes or sockets (the `cytoedge` command, ZeroMQ, systemd, databases)
+#   unit        in-process only, seconds
+TIERS = ("browser", "data", "integration", "unit")
+_TIER_SIGNS = {
+    "browser": ("playwright", "chromium"),
+    "data": ("SHARED_DATA", "bccd_dir", "pbc_dir", "PBC_MINI", "../shared/data", "CYTOEDGE_PBC", "CYTOEDGE_WBC_SHIFT"),
+    "integration": ("run_cli", "subprocess", "Popen", "replay_and_collect", "free_port", "endpoint", "Subscriber",
+                    "zmq", "psycopg", "postgresql", "NOTIFY_SOCKET", "socket."),
+}
+_module_tiers: dict[str, str] = {}
+
+
+def module_tier(path: Path) -> str:
+    """The tier of a test module, from what its source uses (browser > data > integration > unit)."""
+    key = str(path)
+    if key not in _module_tiers:
+        source = path.read_text(encoding="utf-8")
+        _module_tiers[key] = next((tier for tier, signs in _TIER_SIGNS.items() if any(s in source for s in signs)),
+                                  "unit")
+    return _module_tiers[key]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if not any(item.get_closest_marker(tier) for tier in TIERS):
+            item.add_marker(getattr(pytest.mark, module_tier(Path(str(item.fspath)))))

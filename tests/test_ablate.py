@@ -13,7 +13,8 @@ from conftest import PBC_MINI
 
 pytest.importorskip("torch", reason="the ablation trains with torch (the [train] extra)")
 
-from engines import ablate, augment, baseline, pbc
+from engines import augment, baseline, pbc
+from engines.experiments import ablate
 
 
 def real_crops(n: int = 4) -> np.ndarray:

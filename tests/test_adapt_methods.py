@@ -1,4 +1,4 @@
-"""Unsupervised site adaptation (engines/selftrain.py, engines/colourmatch.py): behaviour on tiny
+"""Unsupervised site adaptation (engines/experiments/selftrain.py, colourmatch.py, adapt_methods.py): behaviour on tiny
 synthetic crops and a tiny network, no shared data needed."""
 
 from __future__ import annotations
@@ -12,9 +12,11 @@ import pytest
 torch = pytest.importorskip("torch", reason="adaptation trains with torch (the [train] extra)")
 
 from edge.modelmeta import ModelMetadata  # noqa: E402
-from engines import colourmatch, selftrain  # noqa: E402
-from engines.adapt import METHODS, AdaptConfig, adapt_model, predict_probs, runs_at  # noqa: E402
+from engines.adapt import predict_probs, runs_at  # noqa: E402
 from engines.baseline import BaselineCNN  # noqa: E402
+from engines.experiments import colourmatch, selftrain  # noqa: E402
+from engines.experiments.adapt_methods import METHODS, adapt_with_method  # noqa: E402
+from engines.experiments.adapt_methods import MethodConfig as AdaptConfig  # noqa: E402
 
 CLASSES = ["a", "b", "c", "d"]
 META = ModelMetadata(name="tiny", version="0", classes=CLASSES, input_size=16, mean=[0.5, 0.5, 0.5],
@@ -131,7 +133,7 @@ def test_unsupervised_adaptation_is_reproducible_for_a_seed(method: str) -> None
     cfg = replace(METHODS[method], im_epochs=2, epochs=3, batch_size=16)
     runs = []
     for seed in (0, 0, 1):
-        model = adapt_model(tiny_model(), META, crops, crops[:0], groups[:0], replace(cfg, seed=seed),
+        model = adapt_with_method(tiny_model(), META, crops, crops[:0], groups[:0], replace(cfg, seed=seed),
                             replay, log=lambda *_: None)
         runs.append(state(model))
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
@@ -140,10 +142,10 @@ def test_unsupervised_adaptation_is_reproducible_for_a_seed(method: str) -> None
 
 def test_unsupervised_methods_train_without_any_labels() -> None:
     crops, groups = site_crops(48)
-    bn_only = adapt_model(tiny_model(), META, crops, crops[:0], groups[:0], METHODS["bn"], log=lambda *_: None)
+    bn_only = adapt_with_method(tiny_model(), META, crops, crops[:0], groups[:0], METHODS["bn"], log=lambda *_: None)
     for method in ("bn+im", "bn+st+replay"):
         cfg = replace(METHODS[method], im_epochs=2, epochs=3, batch_size=16)
-        model = adapt_model(tiny_model(), META, crops, crops[:0], groups[:0], cfg, site_crops(16, 1),
+        model = adapt_with_method(tiny_model(), META, crops, crops[:0], groups[:0], cfg, site_crops(16, 1),
                             log=lambda *_: None)
         assert not torch.equal(model.stem[1].weight, bn_only.stem[1].weight), method
 
@@ -163,7 +165,7 @@ def test_existing_methods_do_not_train_on_unlabelled_crops() -> None:
 def test_unknown_unsupervised_method_is_refused() -> None:
     crops, groups = site_crops(32)
     with pytest.raises(ValueError, match="unsupervised"):
-        adapt_model(tiny_model(), META, crops, crops[:0], groups[:0], AdaptConfig(unsupervised="magic"))
+        adapt_with_method(tiny_model(), META, crops, crops[:0], groups[:0], AdaptConfig(unsupervised="magic"))
 
 
 def test_colour_matching_moves_site_lab_statistics_onto_the_reference() -> None:
@@ -193,7 +195,7 @@ def test_diverging_information_maximisation_is_refused_not_saved() -> None:
 
 
 def test_teacher_filter_keeps_the_confident_half_of_each_class_and_the_agreeing_cells() -> None:
-    from engines.teacher_filter import confident_half, pseudo_labels
+    from engines.experiments.teacher_filter import confident_half, pseudo_labels
 
     teacher = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.45, 0.55], [0.7, 0.3]])
     cnn = np.array([[0.8, 0.2], [0.3, 0.7], [0.1, 0.9], [0.9, 0.1], [0.6, 0.4]])

@@ -11,6 +11,7 @@ import pytest
 
 from edge import config as cfg
 from edge.doctor import run_doctor
+from edge.models import default_model_path
 from edge.trt import cache
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +40,7 @@ def test_onnxruntime_config_is_ready() -> None:
         assert any(line[3:].startswith(topic) for line in lines), topic
     assert "GStreamer:" in text and "V4L2:" in text
     assert "CPUExecutionProvider" in text
-    assert "baseline-cnn" in text and "onnxruntime: ok" in text
+    assert default_model_path().parent.name in text and "onnxruntime: ok" in text
     assert lines[-1] == "result: ready"
     assert not any(line.startswith("!!") for line in lines)
 

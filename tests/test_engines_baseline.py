@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from conftest import smoke_pbc_root
 
+from calibration.temperature import fit_temperature
 from edge.classifier import preprocess
 from edge.modelmeta import METADATA_KEY, file_sha256, parse_metadata
 from engines import evaluate, pbc
@@ -35,17 +36,26 @@ def need_data() -> Path:
     return root
 
 
-def session():
+def session_for(path: Path):
     import onnxruntime as ort
 
-    return ort.InferenceSession(str(ONNX), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def session():
+    return session_for(ONNX)
 
 
 # ------------------------------------------------------------------------------------ shipped model
-def test_default_names_the_baseline() -> None:
+def test_default_names_a_distilled_student_that_can_be_adapted() -> None:
     name = (MODELS / "DEFAULT").read_text().strip()
-    assert name == "baseline-cnn"
-    assert (MODELS / name / "model.onnx").is_file()
+    assert name.startswith("student-")
+    folder = MODELS / name
+    for part in ("model.onnx", "card.md", "card.json", "reference.json", "weights.pt", "replay.npz"):
+        assert (folder / part).is_file(), part
+    meta = parse_metadata(session_for(folder / "model.onnx").get_modelmeta().custom_metadata_map[METADATA_KEY],
+                          str(folder / "model.onnx"))
+    assert meta.kind == "student" and meta.uncertainty_output and meta.anomaly_output
 
 
 def test_shipped_model_metadata_is_valid() -> None:
@@ -152,7 +162,7 @@ def test_temperature_fit_recovers_known_temperature(true_t: float) -> None:
     probs = np.exp(logits / true_t)
     probs /= probs.sum(axis=1, keepdims=True)
     labels = (probs.cumsum(axis=1) > rng.random((len(probs), 1))).argmax(axis=1)
-    assert evaluate.fit_temperature(logits.astype(np.float32), labels) == pytest.approx(true_t, rel=0.05)
+    assert fit_temperature(logits.astype(np.float32), labels) == pytest.approx(true_t, rel=0.05)
 
 
 def test_ece_and_brier_of_perfect_predictions() -> None:

@@ -230,7 +230,8 @@ def test_cli_use_list_rollback_end_to_end(store: ModelStore) -> None:
     root = str(store.root)
     listed = run_cli("models", "list", "--store", root)
     assert listed.returncode == 0, listed.stderr
-    assert "active: bundled default: baseline-cnn" in listed.stdout
+    default = (REPO / "engines" / "models" / "DEFAULT").read_text().strip()
+    assert f"active: bundled default: {default}" in listed.stdout
 
     used = run_cli("models", "use", "site-a", "--store", root)
     assert used.returncode == 0, used.stderr

@@ -102,7 +102,7 @@ def test_evaluate_writes_out_of_domain_figures_into_the_card(tmp_path: Path) -> 
 
 
 def test_teacher_evaluation_skips_cleanly_without_a_teacher(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from engines import ood_teacher
+    from engines.experiments import ood_teacher
 
     missing = tmp_path / "teacher.pt"
     argv = ["--teacher", str(missing), "--calib", str(missing), "--pbc-errors", str(missing), "--out",

@@ -21,7 +21,7 @@ from edge import config as cfg
 from edge.client import Subscriber
 from edge.errors import ModelError
 from edge.messages import TOPIC_CELLS
-from edge.models import bundled_models_dir, open_classifier
+from edge.models import bundled_models_dir, default_model_path, open_classifier
 from edge.pipeline import Pipeline, Settings
 from edge.publisher import Publisher
 from edge.replay import ReplaySource
@@ -286,7 +286,7 @@ def test_reload_ready_after_the_swap_one_at_a_time_latest_wins_old_classifier_cl
 ) -> None:
     monkeypatch.setenv("NOTIFY_SOCKET", str(systemd.path))
     monkeypatch.delenv("WATCHDOG_USEC", raising=False)
-    other_model = bundled_models_dir() / "student-v1" / "model.onnx"
+    other_model = next(p for p in sorted(bundled_models_dir().glob("*/model.onnx")) if p != default_model_path())
     path = tmp_path / "c.toml"
     path.write_text("[review]\nuncertainty = 0.5\n[drift]\nenabled = false\n")
     config = cfg.load(path)

@@ -38,9 +38,11 @@ QDQ = plan.int8_dir() / plan.QDQ_NAME
 @pytest.fixture(scope="module")
 def other_model() -> Path:
     """A second real model with the same input size (another network the Q/DQ model must not stand in for)."""
-    path = bundled_models_dir() / "student-v1" / "model.onnx"
-    assert file_sha256(path) != file_sha256(default_model_path())
-    return path
+    default = file_sha256(default_model_path())
+    others = [p for p in sorted(bundled_models_dir().glob("*/model.onnx")) if file_sha256(p) != default
+              and plan.model_metadata(p).input_size == 64]
+    assert others
+    return others[0]
 
 
 # --------------------------------------------------------------------------- item 1: calibration cache

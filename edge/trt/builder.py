@@ -13,7 +13,7 @@ Precision routes (see docs/tensorrt.md; the choice is ``edge.trt.plan.builder_fl
   typed network parsed from an FP16-converted ONNX (float32 I/O kept).
 - int8: TensorRT < 10.12 -> ``IInt8EntropyCalibrator2`` over calibration/int8's calibration set (cache
   written next to the engine, named by the model's sha256), unless a Q/DQ ONNX is given; from 10.12 -> a
-  strongly typed network from the Q/DQ ONNX made by ``python -m calibration.int8 build``. Either input
+  strongly typed network from the Q/DQ ONNX made by ``python -m engines.quantise build``. Either input
   must have been made from the model being built (checked in ``edge.trt.plan``).
 """
 

@@ -27,13 +27,13 @@ INSTALL_HINT = (
     "install JetPack's python3-libnvinfer and pycuda; the venv must see system site-packages "
     "(python3 -m venv --system-site-packages)"
 )
-# INT8 inputs made by `python -m calibration.int8 build` (the offline tool writes them, the builder reads them:
+# INT8 inputs made by `python -m engines.quantise build` (the offline tool writes them, the builder reads them:
 # named here so neither side imports the other).
 CALIBRATION_NPZ = "calibration-set.npz"
 CALIBRATION_MANIFEST = "calibration-set.json"
 QDQ_NAME = "model.int8.qdq.onnx"
 QDQ_SOURCE_KEY = "cytoedge.source_sha256"  # Q/DQ metadata_props: sha256 of the fp32 ONNX it was made from
-INT8_BUILD_COMMAND = "python -m calibration.int8 build"
+INT8_BUILD_COMMAND = "python -m engines.quantise build"
 CALIBRATION_BATCH = 32
 # Implicit-quantisation calibrator and the FP16/INT8 builder flags are deprecated from TensorRT 10.12 and gone
 # in 11: from this version on, precisions come from the network (strongly typed: FP16 ONNX, Q/DQ ONNX).
@@ -181,7 +181,7 @@ def _metadata_and_props(onnx_path: Path) -> tuple[ModelMetadata, dict[str, str]]
 
 # ---------------------------------------------------------------------------------------- INT8 inputs
 def int8_dir() -> Path:
-    """calibration/int8, where `python -m calibration.int8 build` writes (found as package data)."""
+    """calibration/int8, where `python -m engines.quantise build` writes (found as package data)."""
     return Path(str(resources.files("calibration").joinpath("int8")))
 
 

@@ -1,10 +1,10 @@
 """The diffusion teacher on other microscopes: the same wbc-shift protocol as ``engines.ood``, and how
 well each model's own scores tell foreign cells from PBC cells.
 
-    python -m engines.ood_teacher --teacher .cache/diffusion/teacher.pt \
+    python -m engines.experiments.ood_teacher --teacher .cache/diffusion/teacher.pt \
         --calib .cache/teacher/teacher-calib.json --pbc-errors .cache/teacher/teacher-test.npz \
         --models engines/models/baseline-cnn/model.onnx engines/models/student-v1/model.onnx \
-        --out docs/teacher-ood.json
+        --out engines/experiments/results/teacher-ood.json
 
 The teacher has no ONNX file or runtime backend (it is ~100 ms per cell on a CPU core), so it is scored
 here with its own code (``engines.teacher``), on crops cut exactly as ``engines.ood`` cuts them. Its PBC
@@ -53,7 +53,8 @@ def figures(probs: np.ndarray, labels: np.ndarray, classes: list[str], review: n
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engines.ood_teacher", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m engines.experiments.ood_teacher",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", type=Path, required=True)
     parser.add_argument("--calib", type=Path, required=True, help="teacher-calib.json (τ and anomaly squash)")
     parser.add_argument("--pbc-errors", type=Path, required=True, help="the teacher's errors on the PBC test split")

@@ -1,6 +1,6 @@
 """Ablation of the lab-to-lab augmentations (issue 9): which group of ops buys how much out of domain.
 
-    python -m engines.ablate --epochs 8 --threads 1 --out artifacts/ablation [--variants ...]
+    python -m engines.experiments.ablate --epochs 8 --threads 1 --out artifacts/ablation [--variants ...]
 
 "robust" helped one foreign microscope and hurt the other (docs/robustness.md), so it is retrained
 with each group of ops left out (``engines.augment.GROUPS``: colour, optics, sensor, scale), next to
@@ -114,7 +114,7 @@ def load_results(path: Path, protocol: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engines.ablate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m engines.experiments.ablate", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("artifacts/ablation"))
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
                         help="trained in this order (default: all)")

@@ -1,7 +1,7 @@
 """Training a site model on the site's *unlabelled* crops, after batch-norm re-estimation.
 
-Two source-free methods from the domain-adaptation literature, measured by ``python -m engines.adapt
-experiment`` (results: docs/adapt-unsupervised.json):
+Two source-free methods from the domain-adaptation literature, measured by
+``python -m engines.experiments.adapt_methods`` (results: results/adapt-unsupervised.json):
 
 * **information maximisation** (SHOT-IM, Liang et al. 2020): make each crop's prediction confident
   (low per-crop entropy) while keeping the batch's mean prediction spread over the classes (high entropy
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edge.modelmeta import ModelMetadata
-from engines.adapt import AdaptConfig, _balanced_order, fine_tune, predict_probs
+from engines.adapt import AdaptConfig, balanced_order, class_logits, fine_tune, predict_probs
 from engines.baseline import BaselineCNN, augment, normalise, to_tensor
 
 
@@ -76,7 +76,7 @@ def information_maximisation(model: BaselineCNN, crops_bgr: np.ndarray, meta: Mo
     steps_per_epoch = math.ceil(len(crops_bgr) / batch)
     replay_order = None
     if replay is not None and len(replay[1]):
-        replay_order = _balanced_order(replay[1], cfg.im_epochs * steps_per_epoch, batch, rng)
+        replay_order = balanced_order(replay[1], cfg.im_epochs * steps_per_epoch, batch, rng)
         replay_y = torch.from_numpy(replay[1].astype(np.int64))
     model.eval()
     step = 0
@@ -87,11 +87,11 @@ def information_maximisation(model: BaselineCNN, crops_bgr: np.ndarray, meta: Mo
             if len(idx) < 2:  # the diversity term needs a batch
                 continue
             x = normalise(augment(to_tensor(crops_bgr[idx]), gen), meta.mean, meta.std)
-            loss, entropy, marginal = im_loss(model(x) / meta.temperature, cfg.im_diversity)
+            loss, entropy, marginal = im_loss(class_logits(model, x) / meta.temperature, cfg.im_diversity)
             if replay_order is not None:
                 r = replay_order[step % len(replay_order)]
                 xr = normalise(augment(to_tensor(replay[0][r]), gen), meta.mean, meta.std)
-                loss = loss + F.cross_entropy(model(xr), replay_y[r])
+                loss = loss + F.cross_entropy(class_logits(model, xr), replay_y[r])
             if not torch.isfinite(loss):
                 raise ValueError(f"information maximisation diverged (loss {loss.item()}) at epoch {epoch + 1}")
             optimiser.zero_grad(set_to_none=True)

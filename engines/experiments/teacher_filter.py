@@ -1,11 +1,11 @@
 """Self-training with the diffusion teacher as the filter: the site's unlabelled cells, labelled by the
 teacher where it is sure, fine-tune the CNN, with no reviewer labels at all.
 
-    python -m engines.teacher_filter engines/models/baseline-robust/model.onnx \
+    python -m engines.experiments.teacher_filter engines/models/baseline-robust/model.onnx \
         --teacher .cache/diffusion/teacher.pt --calib .cache/teacher/teacher-calib.json \
-        --out docs/adapt-teacher-filter.json
+        --out engines/experiments/results/adapt-teacher-filter.json
 
-Same wbc-shift protocol as ``python -m engines.adapt experiment`` (the fixed test half, split seed
+Same wbc-shift protocol as ``python -m engines.adapt.adaptation_curve`` (the fixed test half, split seed
 12345; the pool half is the site's unlabelled cells), so the figures sit beside its table. The
 teacher generalises differently from the CNN (docs/robustness.md: 65% against 43% on
 cellavision-blog, but 22% on tecom), so two filters are measured: the teacher's most confident half of
@@ -35,18 +35,18 @@ from edge.modelmeta import ModelMetadata
 from engines import evaluate, pbc
 from engines.adapt import (
     METHODS,
-    _draw_labelled,
     adapt_model,
+    draw_labelled,
     load_weights,
     predict_probs,
     reestimate_batchnorm,
     replay_set,
 )
+from engines.experiments.ood_teacher import teacher_scores
 from engines.ood import domain_crops
-from engines.ood_teacher import teacher_scores
 from engines.teacher import summarise
 
-SPLIT_SEED = 12345  # engines.adapt.experiment's fixed test/pool split
+SPLIT_SEED = 12345  # engines.adapt.adaptation_curve's fixed test/pool split
 FILTERS = ("teacher", "agree")
 GATE = 0.5  # the teacher must name at least half of the reviewed cells right before its pseudo-labels count
 
@@ -100,7 +100,7 @@ def gated_draw(site: Site, n: int, seed: int) -> tuple[np.ndarray, np.ndarray, n
     """n reviewer labels (the experiment's draw), plus the agreeing pseudo-labels if the teacher names at
     least ``GATE`` of the reviewed cells right; returns (labelled dataset indices, their labels, pool
     positions of the pseudo-labelled cells)."""
-    chosen = _draw_labelled(site.labels, site.pool, n, np.random.default_rng([seed, n]))
+    chosen = draw_labelled(site.pool, n, np.random.default_rng([seed, n]))
     position = {cell: k for k, cell in enumerate(site.pool)}
     at = np.array([position[c] for c in chosen], np.int64)
     teacher_right = float((site.teacher_probs[at].argmax(1) == site.labels[chosen]).mean()) if n else 0.0
@@ -160,7 +160,8 @@ def measure_site(setting: Setting, site: Site, shots: list[int], seeds: int) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engines.teacher_filter", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m engines.experiments.teacher_filter",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("model", type=Path, help="model.onnx with weights.pt beside it")
     parser.add_argument("--teacher", type=Path, required=True)
     parser.add_argument("--calib", type=Path, required=True)

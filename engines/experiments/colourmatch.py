@@ -2,7 +2,7 @@
 
 One fixed affine map per CIELAB channel, fitted once on the site's unlabelled crops (whole crops,
 background included) against the PBC replay crops, then applied to every crop from that site. Measured
-in ``python -m engines.adapt experiment`` only: the runtime does not apply it yet (it would have to be
+in ``python -m engines.experiments.adapt_methods`` only: the runtime does not apply it yet (it would have to be
 stored with the site model and applied before the network, on the device).
 """
 

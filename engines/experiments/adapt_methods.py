@@ -1,0 +1,135 @@
+"""Site-adaptation methods beyond the product's (batch norm + labelled fine-tuning), measured on wbc-shift.
+
+    python -m engines.experiments.adapt_methods MODEL.onnx [--methods ...] [--out results/adapt-X.json]
+
+Same protocol as the card's adaptation curve (``engines.adapt.adaptation_curve``: fixed test half, the
+other half as the site's pool, 0/20/50/100 labels, seeds), with two extra kinds of method: training on
+the site's unlabelled crops (TENT / SHOT-IM / self-training, ``selftrain.py``) and Reinhard colour matching
+of the site's crops to PBC's (``colourmatch.py``). Results: ``results/adapt-*.json``, discussed in
+docs/robustness.md ("Adaptation"). None of these beat batch-norm re-estimation reliably, so the product
+(`cytoedge adapt`) does not use them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edge.modelmeta import ModelMetadata
+from engines.adapt import CURVE_SHOTS, AdaptConfig, adapt_model, adaptation_curve
+from engines.baseline import BaselineCNN
+from engines.experiments import colourmatch
+
+
+@dataclass(frozen=True)
+class MethodConfig(AdaptConfig):
+    """The product's settings plus what the experiment methods need."""
+
+    # Training on the site's unlabelled crops after batch-norm re-estimation (selftrain.py):
+    # "none" | "im" (information maximisation, SHOT-IM / TENT) | "selftrain" (class-balanced pseudo-labels).
+    unsupervised: str = "none"
+    im_params: str = "bn"  # "bn": BatchNorm affine weights only (TENT) | "features": all but the head (SHOT)
+    im_epochs: int = 15  # epochs over the site's crops (SHOT's default)
+    im_lr: float = 1e-3  # Adam for "bn" (TENT), SGD with momentum 0.9 for "features" (SHOT's backbone lr)
+    im_diversity: float = 1.0  # weight of the entropy of the batch-mean prediction (0 = TENT's objective)
+    st_portions: tuple[float, ...] = (0.2, 0.35, 0.5)  # self-training: share of each predicted class kept, per round
+    # Reinhard colour matching of the site's crops to PBC's CIELAB statistics before everything else
+    # (the runtime cannot apply a per-site colour transform).
+    colour_match: bool = False
+
+    @property
+    def uses_unlabelled_training(self) -> bool:
+        """Trains on unlabelled site crops, so it has something to do with no labels at all."""
+        return self.unsupervised != "none"
+
+
+METHODS: dict[str, MethodConfig] = {
+    "none": MethodConfig(batchnorm=False, layers="none"),
+    "bn": MethodConfig(batchnorm=True, layers="none"),
+    "head": MethodConfig(batchnorm=False, layers="head", lr=3e-3),
+    "bn+head": MethodConfig(batchnorm=True, layers="head", lr=3e-3),
+    "bn+all": MethodConfig(batchnorm=True, layers="all"),
+    "all+replay": MethodConfig(batchnorm=False, layers="all", replay=True),
+    "bn+all+replay": MethodConfig(batchnorm=True, layers="all", replay=True),
+    "mixbn+all+replay": MethodConfig(batchnorm=True, layers="all", replay=True, mixed_batchnorm=True),
+    # Unsupervised (selftrain.py, results/adapt-unsupervised.json); literature defaults, fixed up front.
+    "bn+tent": MethodConfig(batchnorm=True, layers="none", unsupervised="im", im_diversity=0.0),
+    "bn+im": MethodConfig(batchnorm=True, layers="none", unsupervised="im"),
+    "bn+im+replay": MethodConfig(batchnorm=True, layers="none", unsupervised="im", replay=True),
+    "bn+shot": MethodConfig(batchnorm=True, layers="none", unsupervised="im", im_params="features"),
+    "bn+shot+replay": MethodConfig(batchnorm=True, layers="none", unsupervised="im", im_params="features",
+                                   replay=True),
+    "bn+st+replay": MethodConfig(batchnorm=True, layers="all", unsupervised="selftrain", replay=True),
+    "colour+bn": MethodConfig(batchnorm=True, layers="none", colour_match=True),
+    # ... followed by the labelled fine-tuning of "bn+all+replay" (self-training takes labels itself).
+    "bn+im+all+replay": MethodConfig(batchnorm=True, layers="all", unsupervised="im", replay=True),
+    "bn+shot+all+replay": MethodConfig(batchnorm=True, layers="all", unsupervised="im", im_params="features",
+                                       replay=True),
+    "colour+bn+all+replay": MethodConfig(batchnorm=True, layers="all", replay=True, colour_match=True),
+}
+
+
+def adapt_with_method(model: BaselineCNN, meta: ModelMetadata, unlabelled_bgr: np.ndarray, labelled_bgr: np.ndarray,
+                      labels: np.ndarray, cfg: AdaptConfig, replay: tuple[np.ndarray, np.ndarray] | None = None,
+                      log=print) -> BaselineCNN:
+    """Batch-norm re-estimation (the product's step), then, if ``cfg.unsupervised``, training on the
+    unlabelled crops, then fine-tuning on the labels (self-training fine-tunes on labels and pseudo-labels
+    together). Colour matching is the caller's job (``site_view``)."""
+    from engines.experiments.selftrain import information_maximisation, self_train, without_labelled
+
+    unsupervised = getattr(cfg, "unsupervised", "none")
+    if unsupervised not in ("none", "im", "selftrain"):
+        raise ValueError(f"unknown unsupervised method {unsupervised!r} (none, im or selftrain)")
+    if unsupervised == "none":
+        return adapt_model(model, meta, unlabelled_bgr, labelled_bgr, labels, cfg, replay, log)
+    adapt_model(model, meta, unlabelled_bgr, labelled_bgr, labels, dataclasses.replace(cfg, layers="none"),
+                replay, log)
+    replay = replay if cfg.replay else None
+    if unsupervised == "selftrain":
+        self_train(model, unlabelled_bgr, labelled_bgr, labels, meta, cfg, replay, log)
+        return model
+    site = [c for c in (without_labelled(unlabelled_bgr, labelled_bgr), labelled_bgr) if len(c)]
+    if site:
+        information_maximisation(model, np.concatenate(site), meta, cfg, replay, log)
+    return adapt_model(model, meta, unlabelled_bgr[:0], labelled_bgr, labels,
+                       dataclasses.replace(cfg, batchnorm=False), replay, log)
+
+
+def colour_matched_view(cfg: AdaptConfig, crops: np.ndarray, pool: np.ndarray,
+                        replay: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """A fixed per-site colour transform, fitted on the pool's crops only, applied to every crop of the site."""
+    if not getattr(cfg, "colour_match", False):
+        return crops
+    return colourmatch.match(crops, colourmatch.lab_stats(crops[pool]), colourmatch.lab_stats(replay[0]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engines.experiments.adapt_methods",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("model", type=Path, help="model.onnx with weights.pt beside it")
+    parser.add_argument("--shots", type=int, nargs="+", default=list(CURVE_SHOTS))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=AdaptConfig.epochs)
+    parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=list(METHODS))
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--domains", nargs="+", default=None, help="wbc-shift domains to measure (default: all)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    report = adaptation_curve(args.model, tuple(args.shots), args.seeds, {m: METHODS[m] for m in args.methods},
+                              args.out, args.epochs, domains=tuple(args.domains) if args.domains else None,
+                              adapt_step=adapt_with_method, site_view=colour_matched_view)
+    if not args.out:
+        print(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

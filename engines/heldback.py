@@ -1,0 +1,78 @@
+"""The project's held-back comparison in a model card: figures measured outside this repository.
+
+Issue 15's author measured the shipped models on data the project never sees (held-back PBC cells and
+labelled white cells cut from BCCD frames) through ``cytoedge classify --json``. Those figures cannot be
+recomputed here by design, so they live in one data file with their source (``engines/heldback.json``)
+and this command copies them, unchanged, into a marked block of the named model cards:
+
+    python -m engines.heldback engines/models/student-v1
+
+Nothing else writes the block; the evaluate commands leave it alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+from engines import pbc
+
+DATA = Path(__file__).with_name("heldback.json")
+BEGIN = "<!-- cytoedge:held-back:begin -->"
+END = "<!-- cytoedge:held-back:end -->"
+
+
+def _fmt(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
+def render_section(data: dict, this_model: str) -> str:
+    """Markdown: one row per model, this card's model in bold, with the source stated above the table."""
+    cols = data["columns"]
+    lines = [BEGIN, "## Held-back comparison (measured outside this repository)", "",
+             f"Source: {data['source']}. Not reproducible from this repository (the data are kept back on "
+             "purpose); copied by `python -m engines.heldback` from `engines/heldback.json`.", "",
+             f"| model | {cols['pbc_heldback']} | {cols['bccd_white']} |", "|---|---|---|"]
+    for name, row in data["models"].items():
+        pbc_cell = _fmt(row.get("pbc_heldback"))
+        if row.get("pbc_heldback_ece") is not None:
+            pbc_cell += f" (ECE {row['pbc_heldback_ece']:.3f})"
+        bccd = _fmt(row.get("bccd_white")) + (f" ({row['bccd_note']})" if row.get("bccd_note") else "")
+        label = f"**{name}** (this card)" if name == this_model else name
+        lines.append(f"| {label} | {pbc_cell} | {bccd} |")
+    lines += ["", *(f"- {item}" for item in data.get("also_measured", [])), "", END]
+    return "\n".join(lines)
+
+
+def update_card(model_dir: Path, data: dict) -> None:
+    """Replace (or append) the marked block of card.md and keep the figures in card.json under ``held_back``."""
+    model_dir = Path(model_dir)
+    card_path = model_dir / "card.json"
+    card = json.loads(card_path.read_text(encoding="utf-8")) if card_path.is_file() else {}
+    card["held_back"] = data
+    pbc.atomic_write_json(card_path, card)
+    md_path = model_dir / "card.md"
+    text = md_path.read_text(encoding="utf-8") if md_path.is_file() else f"# Model card: {model_dir.name}\n"
+    section = render_section(data, model_dir.name)
+    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
+    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section + "\n"
+    pbc.atomic_write_text(md_path, text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engines.heldback", description=__doc__.splitlines()[0])
+    parser.add_argument("models", type=Path, nargs="+", help="model folders whose cards get the block")
+    parser.add_argument("--data", type=Path, default=DATA)
+    args = parser.parse_args(argv)
+    data = json.loads(args.data.read_text(encoding="utf-8"))
+    for folder in args.models:
+        update_card(folder, data)
+        print(f"held-back comparison written into {folder / 'card.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
