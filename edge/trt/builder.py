@@ -37,9 +37,9 @@ log = logging.getLogger(__name__)
 
 
 def fp16_onnx(onnx_path: Path, work_dir: Path) -> Path:
-    """FP16 copy of the model for strongly typed builds (TensorRT >= 11 has no FP16 flag), float32 I/O
-    kept so the runtime's preprocessing and outputs are unchanged. NVIDIA's documented route is ModelOpt
-    AutoCast; onnxconverter-common's float16 converter is the fallback."""
+    """FP16 copy of the model for strongly typed builds (the FP16 flag is deprecated from TensorRT 10.12,
+    gone in 11), float32 I/O kept so the runtime's preprocessing and outputs are unchanged. NVIDIA's
+    documented route is ModelOpt AutoCast; onnxconverter-common's float16 converter is the fallback."""
     out = Path(work_dir) / f"fp16-{file_sha256(onnx_path)[:16]}.onnx"
     if out.is_file():
         return out
@@ -53,7 +53,7 @@ def fp16_onnx(onnx_path: Path, work_dir: Path) -> Path:
             import onnx
             from onnxconverter_common import float16
         except ImportError as exc:
-            raise ModelError("FP16 on TensorRT >= 11 needs an FP16 ONNX: install nvidia-modelopt (AutoCast) or "
+            raise ModelError("FP16 on TensorRT >= 10.12 needs an FP16 ONNX: install nvidia-modelopt (AutoCast) or "
                              f"onnx + onnxconverter-common ({exc.name} missing)") from None
         model = float16.convert_float_to_float16(onnx.load(str(onnx_path)), keep_io_types=True)
     cache.atomic_write(out, [model.SerializeToString()])
@@ -249,5 +249,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=None, help="largest batch the engine accepts")
     parser.add_argument("--engine-dir", default=None, help="where engines are cached")
     parser.add_argument("--workspace-mb", type=int, default=None, help="builder memory pool limit")
-    parser.add_argument("--int8-onnx", default=None, help="Q/DQ model for INT8 (required on TensorRT >= 11)")
+    parser.add_argument("--int8-onnx", default=None,
+                        help="Q/DQ model for INT8, made from MODEL (default from TensorRT 10.12: calibration/int8's)")
     parser.add_argument("--force", action="store_true", help="rebuild even if a valid engine is cached")
