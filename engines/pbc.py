@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import os
 import tempfile
 from collections import Counter
@@ -20,7 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.fileutil import atomic_write_bytes
+# Re-exported: the engines write through the one atomic writer (edge/fileutil.py).
+from edge.fileutil import atomic_write_bytes as atomic_write_bytes
+from edge.fileutil import atomic_write_json as atomic_write_json
+from edge.fileutil import atomic_write_text as atomic_write_text
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CACHE_DIR = REPO_ROOT / ".cache" / "pbc"
@@ -139,13 +141,6 @@ def load_crop_bgr(path: Path, size: int) -> np.ndarray:
         raise OSError(f"cannot decode {path}")
     return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
 
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: Path, obj: object) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def load_images(root: Path, samples: Sequence[Sample], size: int, cache_dir: Path | None = CACHE_DIR) -> np.ndarray:

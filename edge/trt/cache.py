@@ -29,12 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edge.fileutil import TEMP_SUFFIX, atomic_write
+
 MAGIC = b"CYTOENG1"
 # magic, header length (uint32 LE), header JSON, engine blob.
 _PREFIX = struct.Struct("<8sI")
 KEY_FORMAT = 2  # 2: sm_count and tf32 added
 PRECISIONS = ("fp32", "fp16", "int8")
-TEMP_SUFFIX = ".tmp"
 STALE_TEMP_S = 3600.0
 
 
@@ -260,45 +261,6 @@ def read_engine(path: Path, wanted: EngineKey) -> bytes:
     if hashlib.sha256(blob).hexdigest() != read_header(path)[0]["engine_sha256"]:
         raise ValueError(f"engine corrupt: {path} changed while being read")
     return blob
-
-
-def _temp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}{TEMP_SUFFIX}")
-
-
-def _write_synced(path: Path, chunks: list[bytes]) -> None:
-    with open(path, "wb") as out:
-        for chunk in chunks:
-            out.write(chunk)
-        out.flush()
-        os.fsync(out.fileno())
-
-
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):  # not every filesystem lets a directory be fsynced
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def atomic_write(path: Path, chunks: list[bytes], before_replace: Callable[[Path], None] | None = None) -> None:
-    """temp file in the same folder + fsync + os.replace + fsync of the folder: a crash at any point
-    leaves the old file or the new one, never a mix. ``before_replace`` runs between the fsync and
-    the rename (the crash tests use it to kill the process exactly there)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = _temp_name(path)
-    try:
-        _write_synced(temp, chunks)
-        if before_replace is not None:
-            before_replace(temp)
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def store(engine_dir: Path, key: EngineKey, blob: bytes, extra: dict[str, Any] | None = None,
