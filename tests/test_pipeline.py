@@ -1,0 +1,107 @@
+"""What the pipeline publishes: the same cells, byte for byte, however it is scheduled.
+
+``tests/data/replay-cells/baseline.json`` was written by the pipeline as it was before the speed-ups
+of issue 19 (one thread, one frame at a time, crops cut per cell); the replay below must still
+publish exactly those `cells` and `thumb` messages (everything but the run id, clock times and
+latencies). Rewrite it only for a change that is meant to alter the published cells:
+``python tests/test_pipeline.py --write``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "samples" / "bccd"
+BASELINE = REPO / "tests" / "data" / "replay-cells" / "baseline.json"
+VOLATILE = ("run", "published_at", "captured_at")  # differ on every run; everything else must not
+
+
+def doubled_samples(folder: Path) -> Path:
+    """Each bundled frame twice in a row, so the tracker's 'seen before' path is exercised too."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, frame in enumerate(sorted(SAMPLES.glob("*.jpg"))):
+        for copy in range(2):
+            (folder / f"{2 * index + copy:03d}.jpg").write_bytes(frame.read_bytes())
+    return folder
+
+
+def stable(topic: bytes, message: dict[str, Any]) -> dict[str, Any]:
+    """A published message without what changes between runs, and its msgpack digest (wire bytes)."""
+    from edge.messages import encode
+
+    fixed = dict(message)
+    for name in VOLATILE:
+        fixed[name] = None
+    if "latency_ms" in fixed:
+        fixed["latency_ms"] = {name: 0.0 for name in fixed["latency_ms"]}
+    if "source" in fixed:
+        fixed["source"] = Path(fixed["source"]).name
+    digest = hashlib.sha256(encode(fixed)).hexdigest()
+    if "jpeg" in fixed:
+        fixed["jpeg"] = hashlib.sha256(fixed["jpeg"]).hexdigest()
+    return {"topic": topic.decode(), "sha256": digest, "payload": fixed}
+
+
+def replay_messages(folder: Path, **overrides: Any) -> list[dict[str, Any]]:
+    """Replay ``folder`` once at full speed through the service's pipeline; the `cells` and `thumb`
+    messages in publishing order."""
+    from edge import config as cfg
+    from edge.messages import TOPIC_CELLS, TOPIC_THUMB
+    from edge.service import build_pipeline
+
+    config = cfg.with_overrides(
+        cfg.load(None),
+        "test",
+        source__path=str(folder),
+        source__pace="max",
+        publish__endpoint="tcp://127.0.0.1:*",
+        publish__warmup_s=0.0,
+        publish__preview_interval_s=0.0,
+        model__path=str(REPO / "engines" / "models" / "baseline-cnn" / "model.onnx"),
+        **overrides,
+    )
+    pipeline = build_pipeline(config)
+    sent: list[dict[str, Any]] = []
+    publish = pipeline.publisher.publish
+
+    def recording(topic: bytes, payload: dict[str, Any]) -> dict[str, Any]:
+        message = publish(topic, payload)
+        if topic in (TOPIC_CELLS, TOPIC_THUMB):
+            sent.append(stable(topic, message))
+        return message
+
+    pipeline.publisher.publish = recording  # type: ignore[method-assign]
+    try:
+        assert pipeline.run() == 0
+    finally:
+        pipeline.publisher.close()
+    return sent
+
+
+def baseline() -> list[dict[str, Any]]:
+    return json.loads(BASELINE.read_text(encoding="utf-8"))
+
+
+def assert_same_messages(got: list[dict[str, Any]], expected: list[dict[str, Any]]) -> None:
+    assert [m["topic"] for m in got] == [m["topic"] for m in expected]
+    for new, old in zip(got, expected, strict=True):
+        assert new["payload"] == old["payload"]
+        assert new["sha256"] == old["sha256"], "same content, different bytes on the wire"
+
+
+def test_replay_publishes_the_same_cells_and_thumbs_as_before_the_speed_ups(tmp_path: Path) -> None:
+    assert_same_messages(replay_messages(doubled_samples(tmp_path / "frames")), baseline())
+
+
+if __name__ == "__main__" and "--write" in sys.argv:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        messages = replay_messages(doubled_samples(Path(tmp) / "frames"))
+    BASELINE.write_text(json.dumps(messages, indent=1) + "\n", encoding="utf-8")
+    print(f"wrote {len(messages)} messages to {BASELINE}")
