@@ -3,6 +3,7 @@ else the bundled default."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -52,3 +53,10 @@ def open_classifier(
 
         return open_tensorrt(path, tensorrt)
     raise ConfigError(f"model.backend = {backend!r} is not allowed; expected 'onnxruntime' or 'tensorrt'")
+
+
+def open_configured_classifier(config: Mapping[str, Any]) -> Classifier:
+    """The classifier a config's ``[model]`` (and ``[tensorrt]``) sections name: the one way the service,
+    `annotate` and `classify` open it, so they can never run different models from the same config."""
+    model = config["model"]
+    return open_classifier(model["path"], model["backend"], model["threads"], config["tensorrt"], store=model["store"])

@@ -18,7 +18,7 @@ from edge.audit import AuditLog
 from edge.classifier import Classifier
 from edge.config import Config
 from edge.drift import DomainAlarm, load_reference
-from edge.models import open_classifier
+from edge.models import open_configured_classifier
 from edge.pipeline import Notifier, Pipeline, Settings
 from edge.publisher import Publisher
 from edge.sources import open_source
@@ -47,13 +47,7 @@ def build_pipeline(
     config: Config, notifier: Notifier | None = None, source: object | None = None, latency_window: int = 1000
 ) -> Pipeline:
     settings = Settings.from_config(config)
-    classifier = open_classifier(
-        config["model"]["path"],
-        config["model"]["backend"],
-        config["model"]["threads"],
-        config["tensorrt"],
-        store=config["model"]["store"],
-    )
+    classifier = open_configured_classifier(config)
     frame_source = source if source is not None else open_source(config)
     audit = AuditLog(Path(config["audit"]["path"])) if config["audit"]["path"] else None
     security = config["security"]
