@@ -12,8 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import cv2
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "samples" / "bccd"
@@ -47,7 +52,9 @@ def stable(topic: bytes, message: dict[str, Any]) -> dict[str, Any]:
     return {"topic": topic.decode(), "sha256": digest, "payload": fixed}
 
 
-def replay_messages(folder: Path, **overrides: Any) -> list[dict[str, Any]]:
+def replay_messages(
+    folder: Path, prepare: Callable[[Any], None] | None = None, **overrides: Any
+) -> list[dict[str, Any]]:
     """Replay ``folder`` once at full speed through the service's pipeline; the `cells` and `thumb`
     messages in publishing order."""
     from edge import config as cfg
@@ -66,6 +73,8 @@ def replay_messages(folder: Path, **overrides: Any) -> list[dict[str, Any]]:
         **overrides,
     )
     pipeline = build_pipeline(config)
+    if prepare is not None:
+        prepare(pipeline)
     sent: list[dict[str, Any]] = []
     publish = pipeline.publisher.publish
 
@@ -96,6 +105,83 @@ def assert_same_messages(got: list[dict[str, Any]], expected: list[dict[str, Any
 
 def test_replay_publishes_the_same_cells_and_thumbs_as_before_the_speed_ups(tmp_path: Path) -> None:
     assert_same_messages(replay_messages(doubled_samples(tmp_path / "frames")), baseline())
+
+
+class SlowModel:
+    """The real model, made slow, so frames pile up in front of it (fault injection, not a fake)."""
+
+    def __init__(self, inner: Any, delay_s: float) -> None:
+        self.inner, self.delay_s = inner, delay_s
+        self.metadata, self.model_id, self.path = inner.metadata, inner.model_id, inner.path
+        self.batch_rows: list[int] = []
+
+    def classify(self, crops: Any) -> Any:
+        self.batch_rows.append(len(crops))
+        time.sleep(self.delay_s)
+        return self.inner.classify(crops)
+
+
+def test_frames_waiting_for_a_slow_model_are_batched_in_order_with_the_same_cells(tmp_path: Path) -> None:
+    pipelines = []
+
+    def slow_down(pipeline: Any) -> None:
+        pipeline.classifier = SlowModel(pipeline.classifier, 0.08)
+        pipelines.append(pipeline)
+
+    got = replay_messages(doubled_samples(tmp_path / "frames"), prepare=slow_down)
+    assert max(pipelines[0].batch_sizes) > 1, "no frames were batched, so this test proved nothing"
+    assert_same_messages(got, baseline())
+
+
+class FastCamera:
+    """A live source offering the bundled frames faster than the model can take them."""
+
+    live = True
+    name = "test camera"
+
+    def __init__(self, count: int) -> None:
+        from edge.replay import SourceStats
+
+        self.count, self.state, self.stats = count, "streaming", SourceStats()
+        self.images = [cv2.imread(str(p)) for p in sorted(SAMPLES.glob("*.jpg"))]
+
+    def frames(self, stop: threading.Event) -> Iterator[Any]:
+        from edge.frames import Frame
+
+        for index in range(self.count):
+            if stop.wait(0.005):
+                return
+            self.stats.read += 1
+            yield Frame(self.images[index % len(self.images)], index, time.time(), self.name)
+        self.state = "ended"
+
+
+def test_a_live_source_ahead_of_the_model_loses_the_oldest_frames_never_the_order() -> None:
+    from edge import config as cfg
+    from edge.messages import TOPIC_CELLS
+    from edge.service import build_pipeline
+
+    config = cfg.with_overrides(cfg.load(None), "test", publish__endpoint="tcp://127.0.0.1:*", publish__warmup_s=0.0)
+    camera = FastCamera(60)
+    pipeline = build_pipeline(config, source=camera)
+    pipeline.classifier = SlowModel(pipeline.classifier, 0.05)
+    published: list[int] = []
+    publish = pipeline.publisher.publish
+
+    def recording(topic: bytes, payload: dict[str, Any]) -> dict[str, Any]:
+        if topic == TOPIC_CELLS:
+            published.append(payload["frame_id"])
+        return publish(topic, payload)
+
+    pipeline.publisher.publish = recording  # type: ignore[method-assign]
+    try:
+        assert pipeline.run() == 0
+    finally:
+        pipeline.publisher.close()
+    assert pipeline.queue.dropped > 0, "the camera never got ahead, so this test proved nothing"
+    assert published == sorted(published) and len(set(published)) == len(published)
+    assert len(published) + pipeline.queue.dropped + pipeline.counters.rejected == 60
+    assert published[-1] == 59, "the newest frame is never the one dropped"
 
 
 if __name__ == "__main__" and "--write" in sys.argv:
