@@ -9,6 +9,7 @@ classifier's answers written into them (model side, possibly for several frames 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import Executor
 
 import numpy as np
 
@@ -25,10 +26,12 @@ def cells_from(detections: Sequence[Detection]) -> list[Cell]:
     return [Cell(index, tuple(int(v) for v in d.bbox), d.kind) for index, d in enumerate(detections)]  # type: ignore[arg-type]
 
 
-def crops_for(image: np.ndarray, cells: Sequence[Cell], meta: ModelMetadata, um_per_px: float) -> np.ndarray:
+def crops_for(
+    image: np.ndarray, cells: Sequence[Cell], meta: ModelMetadata, um_per_px: float, pool: Executor | None = None
+) -> np.ndarray:
     """The crops of the cells the model classifies (white cells and platelets), in cell order."""
     boxes = [cell.bbox for cell in cells if cell.classified]
-    return cut_crops(image, boxes, um_per_px, meta.field_um, meta.input_size)
+    return cut_crops(image, boxes, um_per_px, meta.field_um, meta.input_size, pool=pool)
 
 
 def label_cells(

@@ -18,6 +18,7 @@ import queue
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -177,6 +178,9 @@ class Pipeline:
             source.on_state = lambda state, reason: self._state_changes.append((state, reason))
         self.queue = FrameQueue(settings.queue_size, drop_oldest=source.live)
         self._found: queue.Queue[Found] = queue.Queue(maxsize=HANDOFF_FRAMES)
+        # A second pair of hands for cutting crops: on a crowded frame the finder thread is the slowest
+        # stage, and the model's thread leaves a core idle between calls.
+        self._crop_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crops")
         self.latency = LatencyWindow(latency_window)
         self.breakdown = LatencyWindow(latency_window, BREAKDOWN)
         self.batch_sizes: list[int] = []  # frames per model call (for `cytoedge bench`)
@@ -339,7 +343,7 @@ class Pipeline:
             return found
         detections, found.truncated = cap_classified(detections, settings.max_cells)
         found.cells = cells_from(detections)
-        found.crops = crops_for(frame.image, found.cells, meta, settings.um_per_px)
+        found.crops = crops_for(frame.image, found.cells, meta, settings.um_per_px, self._crop_pool)
         found.cut_for = (meta.field_um, meta.input_size)
         found.found_at = time.monotonic()
         found.crop_ms = (found.found_at - detected) * 1000.0
