@@ -70,7 +70,8 @@ def table(model: str, rows: list[tuple[str, float | None, list[dict[str, Any]], 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m edge.benchreport", description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--models", nargs="+", default=["baseline-cnn", "student-v1"])
+    parser.add_argument("--models", nargs="+", default=["baseline-cnn", "student-v1"],
+                        help="bundled model names (engines/models/NAME) or .onnx paths")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every run's frame count (e.g. 0.1)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         tiled = Path(scratch) / "1080p"
         write_tiled(bundled_samples(), tiled, (1920, 1080))
         for model in args.models:
-            model_path = bundled_models_dir() / model / "model.onnx"
+            model_path = Path(model) if model.endswith(".onnx") else bundled_models_dir() / model / "model.onnx"
             config = cfg.with_overrides(base, "benchreport", model__path=str(model_path))
             rows = []
             for label, size, in_memory, fps, frames in CASES:

@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 # A live source's capture loop updates `heartbeat` (time.monotonic()) on every attempt, frame or not.
 HEARTBEAT_FRESH_S = 5.0
 KEEP = object()  # request_swap: leave this part as it is
-HANDOFF_FRAMES = 2  # found frames waiting for the model: enough to batch, few enough to keep latency low
+HANDOFF_FRAMES = 1  # found frames waiting for the model: each one waiting adds a frame period of latency
 MAX_BATCH_FRAMES = 4  # most frames classified in one model call
 # Where a frame's time goes, per stage (ms), for `cytoedge bench`: the finder thread's gate, finder and
 # crop cutting; the model's share of its batch; tracker and domain alarm; building and sending messages.

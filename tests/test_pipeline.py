@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import cv2
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "samples" / "bccd"
@@ -121,7 +122,12 @@ class SlowModel:
         return self.inner.classify(crops)
 
 
-def test_frames_waiting_for_a_slow_model_are_batched_in_order_with_the_same_cells(tmp_path: Path) -> None:
+def test_frames_waiting_for_a_slow_model_are_batched_in_order_with_the_same_cells(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import edge.pipeline
+
+    monkeypatch.setattr(edge.pipeline, "HANDOFF_FRAMES", 3)  # room for a batch to gather
     pipelines = []
 
     def slow_down(pipeline: Any) -> None:
