@@ -358,14 +358,17 @@ class Pipeline:
         """Classify the batch's crops in one call, then track and publish each frame in order."""
         started = time.monotonic()
         usable = [f for f in batch if not f.failed and f.rejection is None]
-        predictions: list[Predictions | None] = [None] * len(usable)
         try:
             predictions = self._classify(usable)
-        except Exception:
+        except Exception:  # one bad frame must not take its batch-mates with it: try each alone
+            predictions = []
             for found in usable:
-                found.failed = True
-                log.exception("frame %s from %s could not be classified; skipped", found.frame.frame_id,
-                              found.frame.source)
+                try:
+                    predictions.extend(self._classify([found]))
+                except Exception:
+                    found.failed = True
+                    log.exception("frame %s from %s could not be processed; skipped", found.frame.frame_id,
+                                  found.frame.source)
         classified = time.monotonic()
         total_crops = max(1, sum(len(f.crops) for f in usable if f.crops is not None))
         if usable:

@@ -139,6 +139,27 @@ def test_frames_waiting_for_a_slow_model_are_batched_in_order_with_the_same_cell
     assert_same_messages(got, baseline())
 
 
+def test_a_frame_that_cannot_be_classified_does_not_take_its_batch_mates_with_it() -> None:
+    import numpy as np
+
+    from edge import config as cfg
+    from edge.frames import Frame
+    from edge.service import build_pipeline
+
+    config = cfg.with_overrides(cfg.load(None), "test", publish__endpoint="tcp://127.0.0.1:*", publish__warmup_s=0.0)
+    camera = FastCamera(0)
+    pipeline = build_pipeline(config, source=camera)
+    try:
+        batch = [pipeline.find(Frame(image, index, 0.0, "test")) for index, image in enumerate(camera.images[:3])]
+        batch[1].crops = np.zeros((2, 10, 10, 3), np.uint8)  # not what the model takes
+        messages = pipeline._publish_batch(batch)
+    finally:
+        pipeline.publisher.close()
+    assert [m is not None for m in messages] == [True, False, True]
+    assert [m["frame_id"] for m in messages if m] == [0, 2]
+    assert pipeline.counters.errors == 1 and pipeline.counters.published == 2
+
+
 class FastCamera:
     """A live source offering the bundled frames faster than the model can take them."""
 
