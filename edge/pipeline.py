@@ -183,7 +183,8 @@ class Pipeline:
         self._crop_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crops")
         self.latency = LatencyWindow(latency_window)
         self.breakdown = LatencyWindow(latency_window, BREAKDOWN)
-        self.batch_sizes: list[int] = []  # frames per model call (for `cytoedge bench`)
+        self.model_calls = 0  # with frames_classified: how much batching happened (for `cytoedge bench`)
+        self.frames_classified = 0
         self.rate = RateMeter()
         self.counters = Counters()
         self.state = "starting"
@@ -372,7 +373,8 @@ class Pipeline:
         classified = time.monotonic()
         total_crops = max(1, sum(len(f.crops) for f in usable if f.crops is not None))
         if usable:
-            self.batch_sizes.append(len(usable))
+            self.model_calls += 1
+            self.frames_classified += len(usable)
         messages: list[dict[str, Any] | None] = []
         shares = iter(predictions)
         for found in batch:

@@ -130,7 +130,6 @@ def run_bench(
     published = pipeline.counters.published
     summary = pipeline.latency.summary()
     breakdown = pipeline.breakdown.summary()
-    batches = pipeline.batch_sizes
     frame_size = _frame_size(path, max_pixels)
     return {
         "frames": published,
@@ -141,7 +140,7 @@ def run_bench(
         "breakdown_ms": {"decode": {"p50": 0.0 if in_memory else decode_ms(path, max_pixels)}, **breakdown},
         # CPU time of all threads per published frame: what the frame costs, however busy the machine is
         "cpu_ms_per_frame": round(cpu * 1000.0 / published, 2) if published else 0.0,
-        "frames_per_model_call": round(sum(batches) / len(batches), 2) if batches else 0.0,
+        "frames_per_model_call": round(pipeline.frames_classified / max(1, pipeline.model_calls), 2),
         "dropped": pipeline.queue.dropped,
         "skipped": replay.stats.skipped,
         "rejected": pipeline.counters.rejected,
