@@ -211,6 +211,17 @@ def test_a_live_source_ahead_of_the_model_loses_the_oldest_frames_never_the_orde
     assert published[-1] == 59, "the newest frame is never the one dropped"
 
 
+def test_the_per_frame_cap_limits_classified_cells_and_keeps_every_red_cell() -> None:
+    from edge.cellfinder import Detection
+    from edge.pipeline import cap_classified
+
+    kinds = ["rbc", "wbc", "rbc", "platelet", "wbc", "rbc", "platelet"]
+    detections = [Detection(kind, (i, i, 5, 5), 1.0) for i, kind in enumerate(kinds)]
+    kept, left_out = cap_classified(detections, 2)
+    assert [d.kind for d in kept] == ["rbc", "wbc", "rbc", "platelet", "rbc"]
+    assert left_out == 2
+
+
 if __name__ == "__main__" and "--write" in sys.argv:
     import tempfile
 
