@@ -73,7 +73,8 @@ def bccd_calibration_crops(meta: ModelMetadata, count: int, bccd: Path,
     INT8 ranges also cover what the microscope shows, not only the PBC analyser's crops."""
     import cv2
 
-    from edge.cellfinder import cut_crops, find_cells
+    from edge.cellfinder import find_cells
+    from edge.crops import cut_crops
 
     names = (bccd / "ImageSets" / "Main" / "train.txt").read_text().split()
     candidates: dict[str, list[tuple[np.ndarray, dict[str, Any]]]] = {"wbc": [], "platelet": []}

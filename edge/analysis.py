@@ -1,65 +1,82 @@
-"""One frame's detections -> the per-cell records of the `cells` message (shared by the pipeline and
-`cytoedge annotate`, so a picture and the stream never disagree)."""
+"""One frame's detections -> classified cells (shared by the pipeline and `cytoedge annotate`, so a
+picture and the stream never disagree).
+
+Split in the three steps the pipeline schedules separately: cells from detections (finder side),
+their crops (finder side, so cutting overlaps the previous frame's classification), and the
+classifier's answers written into them (model side, possibly for several frames in one batch).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from concurrent.futures import Executor
 
 import numpy as np
 
-from edge.cellfinder import Detection, cut_crops
-from edge.classifier import Classifier
+from edge.cellfinder import Detection
+from edge.cells import CLASSIFIED_KINDS, Cell
+from edge.classifier import Classifier, Predictions
+from edge.crops import cut_crops
+from edge.modelmeta import ModelMetadata
 
-CLASSIFIED_KINDS = ("wbc", "platelet")
+__all__ = ["CLASSIFIED_KINDS", "cells_from", "classify_detections", "crops_for", "label_cells"]
+
+
+def cells_from(detections: Sequence[Detection]) -> list[Cell]:
+    return [Cell(index, tuple(int(v) for v in d.bbox), d.kind) for index, d in enumerate(detections)]  # type: ignore[arg-type]
+
+
+def crops_for(
+    image: np.ndarray, cells: Sequence[Cell], meta: ModelMetadata, um_per_px: float, pool: Executor | None = None
+) -> np.ndarray:
+    """The crops of the cells the model classifies (white cells and platelets), in cell order."""
+    boxes = [cell.bbox for cell in cells if cell.classified]
+    return cut_crops(image, boxes, um_per_px, meta.field_um, meta.input_size, pool=pool)
+
+
+def label_cells(
+    cells: Sequence[Cell],
+    crops: np.ndarray,
+    predictions: Predictions,
+    meta: ModelMetadata,
+    review_uncertainty: float,
+    review_anomaly: float,
+) -> None:
+    """Write the model's answer (row n of ``predictions`` for the n-th classified cell) into the cells."""
+    row = 0
+    for cell in cells:
+        if not cell.classified:
+            continue
+        probs = predictions.probs[row]
+        uncertainty = float(predictions.uncertainty[row])
+        anomaly = float(predictions.anomaly[row])
+        label = meta.classes[int(np.argmax(probs))]
+        cell.label = label
+        cell.probs = {name: round(float(p), 5) for name, p in zip(meta.classes, probs, strict=True)}
+        cell.uncertainty = round(uncertainty, 5)
+        cell.anomaly = round(anomaly, 5)
+        cell.review = (
+            uncertainty > review_uncertainty or anomaly > review_anomaly or _finder_and_model_disagree(cell.kind, label)
+        )
+        cell.crop = crops[row]
+        row += 1
 
 
 def classify_detections(
     image: np.ndarray,
-    detections: list[Detection],
+    detections: Sequence[Detection],
     classifier: Classifier,
     um_per_px: float,
     review_uncertainty: float,
     review_anomaly: float,
-) -> tuple[list[dict[str, Any]], dict[int, np.ndarray]]:
+) -> list[Cell]:
     """Classify white cells and platelets in one batch; red cells are counted, not classified.
-
-    Returns the cell records and, per classified cell id, the crop the model saw (for thumbnails).
-    """
-    meta = classifier.metadata
-    to_classify = [i for i, d in enumerate(detections) if d.kind in CLASSIFIED_KINDS]
-    crops = cut_crops(image, [detections[i].bbox for i in to_classify], um_per_px, meta.field_um, meta.input_size)
+    Each classified cell keeps the crop the model saw (for thumbnails and the domain alarm)."""
+    cells = cells_from(detections)
+    crops = crops_for(image, cells, classifier.metadata, um_per_px)
     predictions = classifier.classify(crops)
-    row_of = {index: row for row, index in enumerate(to_classify)}
-    cells = []
-    crops_by_cell: dict[int, np.ndarray] = {}
-    for index, detection in enumerate(detections):
-        cell: dict[str, Any] = {
-            "id": index,
-            "bbox": [int(v) for v in detection.bbox],
-            "kind": detection.kind,
-            "label": None,
-            "probs": None,
-            "uncertainty": None,
-            "anomaly": None,
-            "review": False,
-        }
-        row = row_of.get(index)
-        if row is not None:
-            probs = predictions.probs[row]
-            uncertainty = float(predictions.uncertainty[row])
-            anomaly = float(predictions.anomaly[row])
-            cell.update(
-                label=meta.classes[int(np.argmax(probs))],
-                probs={name: round(float(p), 5) for name, p in zip(meta.classes, probs, strict=True)},
-                uncertainty=round(uncertainty, 5),
-                anomaly=round(anomaly, 5),
-                review=uncertainty > review_uncertainty
-                or anomaly > review_anomaly
-                or _finder_and_model_disagree(detection.kind, meta.classes[int(np.argmax(probs))]),
-            )
-            crops_by_cell[index] = crops[row]
-        cells.append(cell)
-    return cells, crops_by_cell
+    label_cells(cells, crops, predictions, classifier.metadata, review_uncertainty, review_anomaly)
+    return cells
 
 
 def _finder_and_model_disagree(kind: str, label: str) -> bool:

@@ -10,7 +10,6 @@ accuracy on BCCD: ``docs/cellfinder.md`` (``python -m engines.eval_finder``).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -301,51 +300,3 @@ def _red_cells(green: np.ndarray, stained: np.ndarray, wbc_boxes: list[tuple[flo
         if clipped:
             found.append(Detection("rbc", clipped, round(float(min(1.0, r / nominal)), 4)))
     return found
-
-
-def background_colour(image_bgr: np.ndarray) -> np.ndarray:
-    """The frame's background (the brightest 30% of pixels are mostly plasma between cells): its median BGR."""
-    image = _as_bgr(image_bgr)
-    if image.size == 0:
-        return np.zeros(3, np.uint8)
-    step = max(1, int(math.sqrt(image.shape[0] * image.shape[1] / 4096)))  # ~4k pixels are plenty
-    sample = image[::step, ::step].reshape(-1, 3)
-    grey = sample.astype(np.int32).sum(1)
-    bright = sample[grey >= np.percentile(grey, 70)]
-    return np.median(bright, axis=0).astype(np.uint8)
-
-
-def cut_crops(image_bgr: np.ndarray, boxes: Sequence[tuple[int, int, int, int]], um_per_px: float, field_um: float,
-              size: int) -> np.ndarray:
-    """Cut a field_um-wide square around each box centre and resize it to size x size (INTER_AREA).
-
-    Parts of the square outside the frame are the frame's background colour, not black, so an edge
-    cell looks like the classifier's training crops. Returns uint8 (N, size, size, 3) BGR.
-    """
-    image = _as_bgr(image_bgr)
-    um_per_px = _check_scale(um_per_px)
-    if not (math.isfinite(field_um) and field_um > 0):
-        raise ValueError(f"field_um must be a positive number, got {field_um!r}")
-    if int(size) < 1:
-        raise ValueError(f"size must be >= 1, got {size!r}")
-    size = int(size)
-    out = np.empty((len(boxes), size, size, 3), np.uint8)
-    if not len(boxes):
-        return out
-    fill = background_colour(image)
-    height, width = image.shape[:2]
-    side = max(1, round(field_um / um_per_px))
-    for n, (x, y, w, h) in enumerate(boxes):
-        x0 = round(x + w / 2 - side / 2)
-        y0 = round(y + h / 2 - side / 2)
-        xa, ya, xb, yb = max(0, x0), max(0, y0), min(width, x0 + side), min(height, y0 + side)
-        if xa == x0 and ya == y0 and xb == x0 + side and yb == y0 + side:
-            square = image[ya:yb, xa:xb]
-        elif xb > xa and yb > ya:
-            square = cv2.copyMakeBorder(image[ya:yb, xa:xb], ya - y0, y0 + side - yb, xa - x0, x0 + side - xb,
-                                        cv2.BORDER_CONSTANT, value=[int(v) for v in fill])
-        else:
-            out[n] = fill  # the square misses the frame entirely
-            continue
-        out[n] = cv2.resize(square, (size, size), interpolation=cv2.INTER_AREA)
-    return out

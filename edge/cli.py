@@ -94,6 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="offer frames at this rate, as a camera would (default: as fast as the pipeline takes them; "
         "then latency includes the wait behind the frame in progress)",
     )
+    bench.add_argument(
+        "--tiled",
+        metavar="WxH",
+        help="benchmark camera-sized frames (e.g. 1920x1080) tiled from PATH's frames (default: the bundled ones)",
+    )
+    bench.add_argument(
+        "--in-memory",
+        action="store_true",
+        help="decode the input once and offer frames from memory, as a raw (CSI) camera does",
+    )
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     _add_model_flag(bench)
     _add_config_flag(bench)

@@ -2,13 +2,18 @@
 
 Each message is a ZeroMQ multipart ``[topic, msgpack payload]``. Payloads are plain maps of
 strings, numbers, lists, booleans, None and (for images) bytes: no pickle on the wire.
+The payload builders below are the only place the maps are laid out: field names and their order
+(subscribers that compare bytes, and the audit log, see the same order on every run).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import msgpack
+
+from edge.cells import Cell
 
 TOPIC_CELLS = b"cells"
 TOPIC_STATUS = b"status"
@@ -51,6 +56,99 @@ CELL_KINDS = ("wbc", "rbc", "platelet")
 
 class MessageError(ValueError):
     """A message that does not follow the contract; subscribers count and skip it."""
+
+
+def cell_record(cell: Cell) -> dict[str, Any]:
+    """One cell of a `cells` message; ``track``/``first_seen`` only once the tracker has set them."""
+    record: dict[str, Any] = {
+        "id": cell.id,
+        "bbox": [int(v) for v in cell.bbox],
+        "kind": cell.kind,
+        "label": cell.label,
+        "probs": cell.probs,
+        "uncertainty": cell.uncertainty,
+        "anomaly": cell.anomaly,
+        "review": cell.review,
+    }
+    if cell.track is not None:
+        record["track"] = cell.track
+        record["first_seen"] = cell.first_seen
+    return record
+
+
+def cells_payload(
+    *,
+    frame_id: int,
+    captured_at: float,
+    source: str,
+    model: str,
+    frame_size: tuple[int, int],
+    domain_alarm: bool,
+    domain_checked: bool,
+    cells: Sequence[Cell],
+    latency_ms: dict[str, float],
+) -> dict[str, Any]:
+    """The `cells` payload of one frame (``latency_ms``: queue, detect, classify in ms)."""
+    return {
+        "frame_id": frame_id,
+        "captured_at": captured_at,
+        "source": source,
+        "model": model,
+        "frame_size": [int(frame_size[0]), int(frame_size[1])],
+        "domain_alarm": domain_alarm,
+        "domain_checked": domain_checked,
+        "cells": [cell_record(cell) for cell in cells],
+        "latency_ms": {name: round(value, 3) for name, value in latency_ms.items()},
+    }
+
+
+def thumb_payload(frame_id: int, cell: Cell, cells_seq: int, jpeg: bytes) -> dict[str, Any]:
+    """The `thumb` payload of one classified cell flagged for review."""
+    top = sorted((cell.probs or {}).items(), key=lambda item: -item[1])[:3]
+    return {
+        "frame_id": frame_id,
+        "cell_id": cell.id,
+        "cells_seq": cells_seq,
+        "label": cell.label,
+        "top": [[name, p] for name, p in top],
+        "uncertainty": cell.uncertainty,
+        "anomaly": cell.anomaly,
+        "jpeg": jpeg,
+    }
+
+
+def preview_payload(frame_id: int, jpeg: bytes, width: int, height: int, scale: float) -> dict[str, Any]:
+    return {"frame_id": frame_id, "jpeg": jpeg, "width": width, "height": height, "scale": round(scale, 5)}
+
+
+def status_payload(
+    *,
+    state: str,
+    source_state: str,
+    source: str,
+    fps: float,
+    frames: dict[str, int],
+    latency_ms: dict[str, dict[str, float]],
+    queue_depth: int,
+    model: str,
+    uptime_s: float,
+    warnings: list[str],
+    final: bool,
+) -> dict[str, Any]:
+    """The `status` payload; ``frames``: read, published, dropped, skipped, rejected, errors."""
+    return {
+        "state": state,
+        "source_state": source_state,
+        "source": source,
+        "fps": fps,
+        "frames": frames,
+        "latency_ms": latency_ms,
+        "queue_depth": queue_depth,
+        "model": model,
+        "uptime_s": round(uptime_s, 3),
+        "warnings": warnings,
+        "final": final,
+    }
 
 
 def encode(payload: dict[str, Any]) -> bytes:

@@ -4,6 +4,7 @@ else the bundled default."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -89,3 +90,10 @@ def close_classifier(classifier: object) -> None:
         close()
     except Exception:
         log.exception("closing classifier %s failed", getattr(classifier, "model_id", classifier))
+
+
+def open_configured_classifier(config: Mapping[str, Any]) -> Classifier:
+    """The classifier a config's ``[model]`` (and ``[tensorrt]``) sections name: the one way the service,
+    `annotate` and `classify` open it, so they can never run different models from the same config."""
+    model = config["model"]
+    return open_classifier(model["path"], model["backend"], model["threads"], config["tensorrt"], store=model["store"])

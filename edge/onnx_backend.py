@@ -28,7 +28,7 @@ def model_id(meta: ModelMetadata, sha256: str) -> str:
 class OnnxRuntimeClassifier:
     """Runs a whole frame's crops as one batch; thread count is bounded so capture keeps a core."""
 
-    def __init__(self, path: Path, threads: int = 2) -> None:
+    def __init__(self, path: Path, threads: int = 2, spin: bool = False) -> None:
         import onnxruntime as ort
 
         self.path = Path(path)
@@ -38,6 +38,9 @@ class OnnxRuntimeClassifier:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        # Idle ONNX Runtime threads spin for a while waiting for work by default; on a 2-core device
+        # that steals the core the capture and finder threads need between model calls.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0" if not spin else "1")
         try:
             self._session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own exception types for unreadable models

@@ -25,7 +25,7 @@ from edge.classifier import Classifier
 from edge.config import Config
 from edge.drift import DomainAlarm, load_reference
 from edge.errors import CytoedgeError
-from edge.models import close_classifier, open_classifier, resolve_model_path
+from edge.models import close_classifier, open_configured_classifier, resolve_model_path
 from edge.pipeline import Notifier, Pipeline, Settings
 from edge.publisher import Publisher
 from edge.sources import open_source
@@ -54,13 +54,7 @@ def build_pipeline(
     config: Config, notifier: Notifier | None = None, source: object | None = None, latency_window: int = 1000
 ) -> Pipeline:
     settings = Settings.from_config(config)
-    classifier = open_classifier(
-        config["model"]["path"],
-        config["model"]["backend"],
-        config["model"]["threads"],
-        config["tensorrt"],
-        store=config["model"]["store"],
-    )
+    classifier = open_configured_classifier(config)
     frame_source = source if source is not None else open_source(config)
     audit = AuditLog(Path(config["audit"]["path"])) if config["audit"]["path"] else None
     security = config["security"]
@@ -205,7 +199,7 @@ class Reloader:
         path = resolve_model_path(model["path"], model["store"])
         reopen = (model != self.current["model"] or path != pipeline.classifier.path
                   or (model["backend"] == "tensorrt" and target["tensorrt"] != self.current["tensorrt"]))
-        classifier = open_classifier(path, model["backend"], model["threads"], target["tensorrt"]) if reopen else None
+        classifier = open_configured_classifier(target) if reopen else None
         alarm = build_alarm(classifier or pipeline.classifier, target)
         settings = Settings.from_config(target)
         old = pipeline.classifier

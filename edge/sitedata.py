@@ -19,7 +19,8 @@ import cv2
 import numpy as np
 
 from edge.analysis import CLASSIFIED_KINDS
-from edge.cellfinder import FinderParams, cut_crops, find_cells
+from edge.cellfinder import FinderParams, find_cells
+from edge.crops import cut_crops
 
 
 @dataclass

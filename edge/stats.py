@@ -13,8 +13,8 @@ STAGES = ("queue", "detect", "classify", "publish", "total")
 class LatencyWindow:
     """The last ``size`` samples per stage, so p99 follows recent behaviour rather than all history."""
 
-    def __init__(self, size: int = 1000) -> None:
-        self._samples: dict[str, deque[float]] = {stage: deque(maxlen=size) for stage in STAGES}
+    def __init__(self, size: int = 1000, stages: tuple[str, ...] = STAGES) -> None:
+        self._samples: dict[str, deque[float]] = {stage: deque(maxlen=size) for stage in stages}
 
     def add(self, timings_ms: dict[str, float]) -> None:
         for stage, value in timings_ms.items():

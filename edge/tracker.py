@@ -10,13 +10,14 @@ frames (a replayed folder of different fields) almost never pass both tests, so 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import cv2
 import numpy as np
 
+from edge.cells import Cell
 
-def iou(a: list[int], b: list[int]) -> float:
+
+def iou(a: tuple[int, ...] | list[int], b: tuple[int, ...] | list[int]) -> float:
     ax1, ay1, bx1, by1 = a[0] + a[2], a[1] + a[3], b[0] + b[2], b[1] + b[3]
     overlap_w = min(ax1, bx1) - max(a[0], b[0])
     overlap_h = min(ay1, by1) - max(a[1], b[1])
@@ -24,6 +25,18 @@ def iou(a: list[int], b: list[int]) -> float:
         return 0.0
     inter = overlap_w * overlap_h
     return inter / float(a[2] * a[3] + b[2] * b[3] - inter)
+
+
+def _iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of every box in ``a`` (N, 4) with every box in ``b`` (M, 4), as ``iou`` computes it."""
+    ax1, ay1 = a[:, 0] + a[:, 2], a[:, 1] + a[:, 3]
+    bx1, by1 = b[:, 0] + b[:, 2], b[:, 1] + b[:, 3]
+    overlap_w = np.minimum(ax1[:, None], bx1[None]) - np.maximum(a[:, 0][:, None], b[:, 0][None])
+    overlap_h = np.minimum(ay1[:, None], by1[None]) - np.maximum(a[:, 1][:, None], b[:, 1][None])
+    inter = overlap_w * overlap_h
+    union = (a[:, 2] * a[:, 3])[:, None] + (b[:, 2] * b[:, 3])[None] - inter
+    positive = (overlap_w > 0) & (overlap_h > 0)
+    return np.where(positive, inter / np.where(positive, union, 1).astype(np.float64), 0.0)
 
 
 def signature(crop_bgr: np.ndarray) -> np.ndarray:
@@ -39,7 +52,7 @@ def signature(crop_bgr: np.ndarray) -> np.ndarray:
 class _Track:
     track_id: int
     kind: str
-    bbox: list[int]
+    bbox: tuple[int, ...]
     signature: np.ndarray | None
     missed: int = 0
 
@@ -57,22 +70,11 @@ class CellTracker:
     def __len__(self) -> int:
         return len(self._tracks)
 
-    def assign(self, cells: list[dict[str, Any]], crops: dict[int, np.ndarray]) -> None:
-        """Set ``track`` and ``first_seen`` on each cell record, in place."""
-        signatures = {cell_id: signature(crop) for cell_id, crop in crops.items()}
-        pairs = []
-        for cell_index, cell in enumerate(cells):
-            for track_index, track in enumerate(self._tracks):
-                if track.kind != cell["kind"]:
-                    continue
-                overlap = iou(cell["bbox"], track.bbox)
-                if overlap < self.min_iou:
-                    continue
-                own = signatures.get(cell["id"])
-                if own is not None and track.signature is not None and self._different(own, track.signature):
-                    continue
-                pairs.append((overlap, cell_index, track_index))
-        pairs.sort(reverse=True)
+    def assign(self, cells: list[Cell]) -> None:
+        """Set ``track`` and ``first_seen`` on each cell, in place (classified cells are also
+        compared by how their crop looks)."""
+        signatures = {cell.id: signature(cell.crop) for cell in cells if cell.crop is not None}
+        pairs = self._candidates(cells, signatures)
         matched_cells: dict[int, int] = {}
         used_tracks: set[int] = set()
         for _overlap, cell_index, track_index in pairs:
@@ -87,20 +89,42 @@ class CellTracker:
                 if track.missed <= self.max_missed:
                     survivors.append(track)
         for cell_index, cell in enumerate(cells):
-            own = signatures.get(cell["id"])
+            own = signatures.get(cell.id)
             if cell_index in matched_cells:
                 track = self._tracks[matched_cells[cell_index]]
-                track.bbox, track.missed = cell["bbox"], 0
+                track.bbox, track.missed = cell.bbox, 0
                 if own is not None:
                     track.signature = own
-                cell["track"], cell["first_seen"] = track.track_id, False
+                cell.track, cell.first_seen = track.track_id, False
                 survivors.append(track)
             else:
-                track = _Track(self._next_id, cell["kind"], cell["bbox"], own)
+                track = _Track(self._next_id, cell.kind, cell.bbox, own)
                 self._next_id += 1
-                cell["track"], cell["first_seen"] = track.track_id, True
+                cell.track, cell.first_seen = track.track_id, True
                 survivors.append(track)
         self._tracks = survivors
+
+    def _candidates(self, cells: list[Cell], signatures: dict[int, np.ndarray]) -> list[tuple[float, int, int]]:
+        """(overlap, cell index, track index) of every cell-track pair that may match, best first.
+
+        All pairs at once with numpy (a 1080p frame has ~130 cells, each against as many tracks);
+        the same overlaps and order as comparing pair by pair."""
+        if not cells or not self._tracks:
+            return []
+        boxes = np.array([cell.bbox for cell in cells], np.int64).reshape(-1, 4)
+        held = np.array([track.bbox for track in self._tracks], np.int64).reshape(-1, 4)
+        overlap = _iou_matrix(boxes, held)
+        same_kind = np.array([cell.kind for cell in cells])[:, None] == np.array([t.kind for t in self._tracks])[None]
+        ci, ti = np.nonzero(same_kind & (overlap >= self.min_iou))
+        pairs = []
+        for cell_index, track_index in zip(ci.tolist(), ti.tolist(), strict=True):
+            own = signatures.get(cells[cell_index].id)
+            track = self._tracks[track_index]
+            if own is not None and track.signature is not None and self._different(own, track.signature):
+                continue
+            pairs.append((float(overlap[cell_index, track_index]), cell_index, track_index))
+        pairs.sort(reverse=True)
+        return pairs
 
     def _different(self, one: np.ndarray, other: np.ndarray) -> bool:
         return float(one @ other) < self.min_similarity

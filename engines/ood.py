@@ -24,8 +24,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from edge.cellfinder import background_colour, cut_crops
 from edge.classifier import Predictions
+from edge.crops import background_colour, cut_crops
 from edge.drift import load_reference
 from edge.onnx_backend import OnnxRuntimeClassifier
 from engines import evaluate, ood_card, pbc

@@ -16,12 +16,12 @@ def test_cells_where_finder_and_model_disagree_always_go_to_review() -> None:
     for path in sorted(SAMPLES.glob("*.jpg")):
         image = cv2.imread(str(path))
         # Thresholds of 1.0: nothing is flagged for uncertainty or anomaly, only for disagreement.
-        cells, _ = classify_detections(image, find_cells(image, 0.075), classifier, 0.075, 1.0, 1.0)
+        cells = classify_detections(image, find_cells(image, 0.075), classifier, 0.075, 1.0, 1.0)
         for cell in cells:
-            if cell["label"] is None:
-                assert cell["kind"] == "rbc" and cell["review"] is False
+            if cell.label is None:
+                assert cell.kind == "rbc" and cell.review is False
                 continue
-            disagree = (cell["kind"] == "wbc") == (cell["label"] == "platelet")
+            disagree = (cell.kind == "wbc") == (cell.label == "platelet")
             disagreements += disagree
-            assert cell["review"] is disagree
+            assert cell.review is disagree
     assert disagreements > 0, "the bundled frames include such cells (the baseline is out of domain on BCCD)"

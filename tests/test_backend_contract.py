@@ -97,8 +97,8 @@ def crops(reference: Classifier) -> np.ndarray:
     for path in sorted(SAMPLES.glob("*.jpg")):
         image = cv2.imread(str(path))
         detections = find_cells(image, 0.075)
-        _cells, by_cell = classify_detections(image, detections, reference, 0.075, 1.0, 1.0)
-        batch.extend(by_cell.values())
+        cells = classify_detections(image, detections, reference, 0.075, 1.0, 1.0)
+        batch.extend(cell.crop for cell in cells if cell.crop is not None)
     assert len(batch) >= 20
     assert batch[0].shape == (meta.input_size, meta.input_size, 3)
     return np.stack(batch)

@@ -9,7 +9,8 @@ import cv2
 import numpy as np
 import pytest
 
-from edge.cellfinder import Detection, FinderParams, background_colour, cut_crops, find_cells
+from edge.cellfinder import Detection, FinderParams, find_cells
+from edge.crops import background_colour, cut_crops
 from engines import eval_finder
 from tests.conftest import SAMPLES
 

@@ -125,7 +125,7 @@ def test_white_cells_from_other_microscopes_raise_the_alarm(domain: str, um_per_
     from conftest import SHARED_DATA
 
     from edge import config as cfg
-    from edge.cellfinder import cut_crops
+    from edge.crops import cut_crops
     from edge.drift import features
     from edge.models import open_classifier
     from edge.service import build_alarm

@@ -13,7 +13,8 @@ import pytest
 from conftest import SAMPLES
 
 from calibration import int8
-from edge.cellfinder import cut_crops, find_cells
+from edge.cellfinder import find_cells
+from edge.crops import cut_crops
 from edge.modelmeta import METADATA_KEY, file_sha256
 from edge.models import default_model_path
 from edge.onnx_backend import OnnxRuntimeClassifier

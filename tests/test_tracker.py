@@ -13,6 +13,7 @@ from conftest import SAMPLES, run_cli
 from edge import config as cfg
 from edge.analysis import classify_detections
 from edge.cellfinder import find_cells
+from edge.cells import Cell
 from edge.models import open_classifier
 from edge.tracker import CellTracker
 
@@ -36,9 +37,9 @@ def test_a_field_held_in_view_is_counted_once(classify) -> None:  # type: ignore
     tracker = CellTracker()
     first_seen = []
     for _ in range(10):
-        cells, crops = classify(image)
-        tracker.assign(cells, crops)
-        first_seen.append(sum(c["first_seen"] for c in cells))
+        cells = classify(image)
+        tracker.assign(cells)
+        first_seen.append(sum(c.first_seen for c in cells))
     assert first_seen[0] == len(cells) > 0
     assert first_seen[1:] == [0] * 9
 
@@ -46,38 +47,37 @@ def test_a_field_held_in_view_is_counted_once(classify) -> None:  # type: ignore
 def test_a_slowly_moving_field_keeps_its_tracks(classify) -> None:  # type: ignore[no-untyped-def]
     image = cv2.imread(str(SAMPLES / "BloodImage_00011.jpg"))
     tracker = CellTracker()
-    cells, crops = classify(image)
-    tracker.assign(cells, crops)
-    white = {c["track"] for c in cells if c["kind"] == "wbc"}
+    cells = classify(image)
+    tracker.assign(cells)
+    white = {c.track for c in cells if c.kind == "wbc"}
     shifted = np.roll(image, shift=(4, 6), axis=(0, 1))  # a small stage movement
-    cells, crops = classify(shifted)
-    tracker.assign(cells, crops)
-    assert {c["track"] for c in cells if c["kind"] == "wbc"} == white
-    assert not any(c["first_seen"] for c in cells if c["kind"] == "wbc")
+    cells = classify(shifted)
+    tracker.assign(cells)
+    assert {c.track for c in cells if c.kind == "wbc"} == white
+    assert not any(c.first_seen for c in cells if c.kind == "wbc")
 
 
 def test_unrelated_frames_count_every_white_cell(classify) -> None:  # type: ignore[no-untyped-def]
     tracker = CellTracker()
     total = new = 0
     for path in sorted(SAMPLES.glob("*.jpg")):
-        cells, crops = classify(cv2.imread(str(path)))
-        tracker.assign(cells, crops)
-        white = [c for c in cells if c["kind"] == "wbc"]
+        cells = classify(cv2.imread(str(path)))
+        tracker.assign(cells)
+        white = [c for c in cells if c.kind == "wbc"]
         total += len(white)
-        new += sum(c["first_seen"] for c in white)
+        new += sum(c.first_seen for c in white)
     assert total >= 20 and new == total
 
 
 def test_tracks_are_forgotten_after_the_cell_leaves() -> None:
     tracker = CellTracker(max_missed=2)
-    cell = {"id": 0, "kind": "rbc", "bbox": [10, 10, 50, 50]}
-    tracker.assign([dict(cell)], {})
+    tracker.assign([Cell(0, (10, 10, 50, 50), "rbc")])
     for _ in range(3):
-        tracker.assign([], {})
+        tracker.assign([])
     assert len(tracker) == 0
-    again = dict(cell)
-    tracker.assign([again], {})
-    assert again["first_seen"] is True
+    again = Cell(0, (10, 10, 50, 50), "rbc")
+    tracker.assign([again])
+    assert again.first_seen is True
 
 
 def test_watch_style_count_of_a_repeated_frame_replay_matches_one_frame(tmp_path: Path, endpoint: str) -> None:
@@ -94,3 +94,15 @@ def test_watch_style_count_of_a_repeated_frame_replay_matches_one_frame(tmp_path
     assert len(messages) == 8
     counted = sum(c["first_seen"] for m in messages for c in m["cells"])
     assert counted == len(messages[0]["cells"])
+
+
+def test_all_pairs_overlap_matches_the_pair_by_pair_overlap() -> None:
+    from edge.tracker import _iou_matrix, iou
+
+    rng = np.random.default_rng(1)
+    a = np.column_stack([rng.integers(0, 200, (60, 2)), rng.integers(1, 60, (60, 2))])
+    b = np.column_stack([rng.integers(0, 200, (40, 2)), rng.integers(1, 60, (40, 2))])
+    matrix = _iou_matrix(a, b)
+    expected = [[iou(list(x), list(y)) for y in b.tolist()] for x in a.tolist()]
+    assert matrix.tolist() == expected
+    assert (matrix > 0).sum() > 50  # the boxes do overlap, so the comparison means something

@@ -15,27 +15,22 @@ from edge.cellfinder import FinderParams, find_cells
 from edge.errors import SourceError
 from edge.fileutil import atomic_write_bytes
 from edge.frames import BadImage, read_image
-from edge.models import open_classifier
+from edge.messages import cell_record
+from edge.models import open_configured_classifier
 
 
 def main(args: argparse.Namespace) -> int:
     config = cfg.with_overrides(
         cfg.load(args.config), "command line", model__path=args.model, microscope__um_per_px=args.um_per_px
     )
-    classifier = open_classifier(
-        config["model"]["path"],
-        config["model"]["backend"],
-        config["model"]["threads"],
-        config["tensorrt"],
-        store=config["model"]["store"],
-    )
+    classifier = open_configured_classifier(config)
     try:
         image = read_image(Path(args.frame), config["pipeline"]["max_frame_pixels"])
     except BadImage as exc:
         raise SourceError(str(exc)) from None
     um_per_px = config["microscope"]["um_per_px"]
     detections = find_cells(image, um_per_px, FinderParams(**config["finder"]))
-    cells, _crops = classify_detections(
+    cells = classify_detections(
         image, detections, classifier, um_per_px, config["review"]["uncertainty"], config["review"]["anomaly"]
     )
     suffix = Path(args.out).suffix.lower() or ".png"
@@ -44,9 +39,9 @@ def main(args: argparse.Namespace) -> int:
         raise SourceError(f"cannot encode an image as {suffix}")
     atomic_write_bytes(Path(args.out), encoded.tobytes())
     if args.json:
-        print(json.dumps({"frame": args.frame, "model": classifier.model_id, "cells": cells}))
+        print(json.dumps({"frame": args.frame, "model": classifier.model_id, "cells": [cell_record(c) for c in cells]}))
     else:
-        kinds = [c["kind"] for c in cells]
+        kinds = [c.kind for c in cells]
         print(
             f"{args.out}: {kinds.count('wbc')} white cells, {kinds.count('platelet')} platelets, "
             f"{kinds.count('rbc')} red cells"

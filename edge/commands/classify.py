@@ -12,11 +12,11 @@ import cv2
 import numpy as np
 
 from edge import config as cfg
-from edge.cellfinder import cut_crops
 from edge.classifier import Classifier
+from edge.crops import cut_crops
 from edge.errors import SourceError
 from edge.frames import IMAGE_SUFFIXES, BadImage, read_image
-from edge.models import open_classifier
+from edge.models import open_configured_classifier
 
 BATCH = 64
 
@@ -41,13 +41,7 @@ def to_model_input(image: np.ndarray, classifier: Classifier, um_per_px: float |
 
 def main(args: argparse.Namespace) -> int:
     config = cfg.with_overrides(cfg.load(args.config), "command line", model__path=args.model)
-    classifier = open_classifier(
-        config["model"]["path"],
-        config["model"]["backend"],
-        config["model"]["threads"],
-        config["tensorrt"],
-        store=config["model"]["store"],
-    )
+    classifier = open_configured_classifier(config)
     files = list(expand(args.paths))
     if not files:
         raise SourceError("no images found in " + ", ".join(args.paths))
