@@ -184,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_adapt_arguments(adapt)
     adapt.set_defaults(handler=_lazy("edge.commands.adapt", "main"))
 
+    report = commands.add_parser("report", help="a finished slide as a PDF report (+ JSON, FHIR R4), optionally signed")
+    from edge.commands.report import add_arguments as add_report_arguments
+
+    add_report_arguments(report)
+    report.set_defaults(handler=_lazy("edge.commands.report", "main"))
+
     config = commands.add_parser("config", help="check or show configuration")
     config_commands = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     check = config_commands.add_parser("check", help="validate a config file")
