@@ -204,6 +204,22 @@ def latest_decisions(records: Iterable[dict[str, Any]]) -> dict[CellKey, dict[st
     return latest
 
 
+def recorded_signoff(records: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
+    """The last sign-off line `cytoedge report --sign` appended to a session file, if any."""
+    found = [r for r in records if r.get("event") == "signoff" and isinstance(r.get("name"), str)]
+    return found[-1] if found else None
+
+
+def slide_end(records: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
+    """The display's `slide-end` line (written at "new slide"): the frames and times of this slide."""
+    found = [r for r in records if r.get("event") == "slide-end" and isinstance(r.get("frames"), dict)]
+    return found[-1] if found else None
+
+
+def signoff_record(signoff: SignOff) -> dict[str, Any]:
+    return {"event": "signoff", "name": signoff.name, "time": signoff.time}
+
+
 def card_checksum(model_id: str | None, models_root: Path | None = None) -> str | None:
     """sha256 of the model card (card.md) of the model whose file hash the id ends with; None if not found."""
     if not model_id or "@" not in model_id:
@@ -233,8 +249,14 @@ def build(
     target: int = 100,
     runs: Iterable[str] | None = None,
     card_sha256: str | None = None,
+    end: dict[str, Any] | None = None,
 ) -> Slide:
-    """Count the slide's `cells` messages (only runs in ``runs`` when given) and apply the decisions."""
+    """Count the slide's `cells` messages and apply the decisions. Which messages: the frames the display's
+    ``end`` record names when there is one, else every frame of ``runs`` (every run when None)."""
+    spans: dict[str, tuple[int, int]] = {}
+    if end is not None:
+        spans = {str(run): (int(span[0]), int(span[1])) for run, span in end["frames"].items()}
+        runs = list(spans)
     wanted = set(runs) if runs is not None else None
     slide = Slide(slide_id, microscope, [], None, None, None, card_sha256, target)
     seen_frames: set[tuple[str, int]] = set()
@@ -249,6 +271,8 @@ def build(
         frame_id = message.get("frame_id")
         if not isinstance(frame_id, int) or (run, frame_id) in seen_frames:
             continue  # a frame counts once, as on the display
+        if spans and not spans[run][0] <= frame_id <= spans[run][1]:
+            continue  # before or after this slide on a run that goes on
         seen_frames.add((run, frame_id))
         if run not in slide.runs:
             slide.runs.append(run)
@@ -302,6 +326,9 @@ def build(
                 )
     if not slide.frames:
         raise ReportError("no cells messages for this slide (wrong audit log or run?)")
+    if end is not None:  # the slide's own times (the display's clock), not its first and last frame's
+        slide.started_at = float(end.get("started_at") or slide.started_at or 0.0)
+        slide.ended_at = float(end.get("ended_at") or slide.ended_at or 0.0)
     applied = [key for key in decisions if key in counted]
     slide.reviewed = len(applied)
     slide.corrected = sum(decisions[key].get("action") == "correct" for key in applied)
