@@ -175,11 +175,32 @@ def store(conn: Connection, items: Iterable[tuple[str, str, dict[str, Any]]]) ->
                 "bbox": json.dumps(cell.get("bbox")), "probs": json.dumps(cell.get("probs")),
             })
     for table, rows in ((messages, message_rows), (cells, cell_rows), (reviews, review_rows)):
-        if rows:
+        if not rows:
+            continue
+        if conn.dialect.name == "postgresql" and table is not reviews:
+            _copy_insert(conn, table, rows)
+        else:
             conn.execute(_insert(conn, table), rows)
     for microscope, at in last.items():
         _touch(conn, microscope, last_message_at=at)
     return len(message_rows) + len(review_rows)
+
+
+def _copy_insert(conn: Connection, table: sa.Table, rows: list[dict[str, Any]]) -> None:
+    """PostgreSQL's bulk path, same rows and same rule: COPY into a temporary table, then INSERT … ON
+    CONFLICT DO NOTHING. Row-at-a-time INSERTs cost 1 s per 1000 messages of 20 cells here; this 0.2 s."""
+    names = [column.name for column in table.columns]
+    listed = ", ".join(names)
+    staging = f"{table.name}_incoming"
+    cursor = conn.connection.driver_connection.cursor()
+    try:
+        cursor.execute(f"CREATE TEMP TABLE IF NOT EXISTS {staging} (LIKE {table.name}) ON COMMIT DELETE ROWS")
+        with cursor.copy(f"COPY {staging} ({listed}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row([row[name] for name in names])
+        cursor.execute(f"INSERT INTO {table.name} ({listed}) SELECT {listed} FROM {staging} ON CONFLICT DO NOTHING")
+    finally:
+        cursor.close()
 
 
 def _touch(conn: Connection, microscope: str, **values: Any) -> None:

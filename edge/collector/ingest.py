@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 
 from edge.collector import db, stream
@@ -70,7 +71,7 @@ class Collector:
             await stream.ensure_stream(js)
             subscription = await js.pull_subscribe(
                 stream.SUBJECTS, durable=self.durable, stream=stream.STREAM,
-                config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=30, max_ack_pending=20_000),
+                config=ConsumerConfig(ack_policy=AckPolicy.ALL, ack_wait=30, max_ack_pending=20_000),
             )
             self.ready.set()
             while not self.stop.is_set():
@@ -85,6 +86,8 @@ class Collector:
             batch = await subscription.fetch(FETCH, timeout=0.5)
         except (nats.errors.TimeoutError, asyncio.TimeoutError):
             return
+        if not batch:
+            return
         items = []
         for message in batch:
             item = parse(message.subject, message.data)
@@ -93,9 +96,17 @@ class Collector:
                 log.warning("unusable message on %s: acknowledged and dropped", message.subject)
             else:
                 items.append(item)
-        await asyncio.to_thread(self._store, items)
-        for message in batch:
-            await message.ack()
+        try:
+            await asyncio.to_thread(self._store, items)
+        except sa_exc.DBAPIError as exc:  # the database is down or refused: nothing acknowledged, try again
+            log.warning("database did not take %d message(s): %s", len(items), str(exc).splitlines()[0])
+            for message in batch:
+                await message.nak(delay=1.0)
+            await asyncio.sleep(1.0)
+            return
+        # AckPolicy.ALL: acknowledging the batch's last message acknowledges the batch (one collector per
+        # durable consumer; a second one needs its own durable name).
+        await batch[-1].ack()
         self.stats.batches += 1
 
     def _store(self, items: list[tuple[str, str, dict[str, Any]]]) -> None:
