@@ -54,11 +54,11 @@ def write_session(path: Path, messages: list[dict], skip: int | None = None) -> 
 def expected_white(messages: list[dict], session: Path) -> dict[str, int]:
     """An independent tally: the reviewer's label where decided, else the model's, white cells only."""
     decided = {(d["run"], d["frame_id"], d["cell_id"]): d["reviewer_label"]
-               for d in map(json.loads, session.read_text().splitlines())}
+               for d in map(json.loads, session.read_text().splitlines()) if "event" not in d}
     counts: dict[str, int] = {}
     for message in messages:
         for cell in message["cells"]:
-            if cell["kind"] == "rbc":
+            if cell["kind"] == "rbc" or not cell["first_seen"]:
                 continue
             label = decided.get((message["run"], message["frame_id"], cell["id"]))
             if label is None and cell["kind"] == "platelet":
@@ -81,6 +81,8 @@ def test_signed_report_of_a_replayed_slide_shows_every_field_and_the_cell_pictur
                    "--fhir", str(fhir_json), "--sign", "Dr Ada Reviewer", "--microscope", "bench-3")
     assert done.returncode == 0, done.stderr
     assert "signed by Dr Ada Reviewer" in done.stdout
+    last = json.loads(session.read_text().splitlines()[-1])  # the signature joins the slide's record
+    assert last["event"] == "signoff" and last["name"] == "Dr Ada Reviewer"
 
     content = json.loads(report_json.read_text())
     flagged = len(flagged_cells(messages))
@@ -155,6 +157,29 @@ def test_slide_with_an_unreviewed_flagged_cell_cannot_be_signed(
     done = run_cli("report", str(session), "--audit", str(audit), "--out", str(pdf), "--json", str(tmp_path / "b.json"))
     assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "b.json").read_text())["signoff"] is None
+    assert all("event" not in json.loads(line) for line in session.read_text().splitlines())  # no signature kept
+
+
+def test_report_counts_only_the_frames_of_the_slide_named_by_the_displays_slide_end_line(
+    tmp_path: Path, replayed: tuple[Path, list[dict]]
+) -> None:
+    """A live run goes on across slides: the display's slide-end line says which frames were this slide."""
+    audit, messages = replayed
+    first, rest = messages[:8], messages[8:]
+    session = tmp_path / "slide-d.jsonl"
+    write_session(session, first)
+    with session.open("a") as out:
+        out.write(json.dumps({"event": "slide-end", "slide": "slide-d", "started_at": 10.0, "ended_at": 20.0,
+                              "target": 100, "frames": {first[0]["run"]: [0, 7]}}) + "\n")
+    out_json = tmp_path / "d.json"
+    done = run_cli("report", str(session), "--audit", str(audit), "--out", str(tmp_path / "d.pdf"),
+                   "--json", str(out_json), "--sign", "Dr D")
+    assert done.returncode == 0, done.stderr  # the later frames' flagged cells are not this slide's
+    content = json.loads(out_json.read_text())
+    assert content["frames"] == 8 and rest
+    assert content["review"]["flagged"] == len(flagged_cells(first))
+    assert (content["started_at"], content["ended_at"]) == (10.0, 20.0)
+    assert content["red_cells"] == sum(c["kind"] == "rbc" and c["first_seen"] for m in first for c in m["cells"])
 
 
 @pytest.mark.parametrize(
