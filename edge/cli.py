@@ -194,6 +194,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_adapt_arguments(adapt)
     adapt.set_defaults(handler=_lazy("edge.commands.adapt", "main"))
 
+    report = commands.add_parser("report", help="a finished slide as a PDF report (+ JSON, FHIR R4), optionally signed")
+    from edge.commands.report import add_arguments as add_report_arguments
+
+    add_report_arguments(report)
+    report.set_defaults(handler=_lazy("edge.commands.report", "main"))
+
+    from edge.commands.collect import add_collect_arguments, add_ship_arguments
+
+    ship = commands.add_parser("ship", help="send this edge's audit log and reviews to the lab (NATS JetStream)")
+    add_ship_arguments(ship)
+    ship.set_defaults(handler=_lazy("edge.commands.collect", "ship"))
+    collect = commands.add_parser("collect", help="the lab collector: store every microscope's cells; lab page")
+    add_collect_arguments(collect)
+    collect.set_defaults(handler=_lazy("edge.commands.collect", "collect"))
+
     config = commands.add_parser("config", help="check or show configuration")
     config_commands = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     check = config_commands.add_parser("check", help="validate a config file")

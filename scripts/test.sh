@@ -20,5 +20,12 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
         || echo "could not install chromium: browser tests will skip"
 fi
 
+# The report tests look at the PDF as PNG and text (poppler-utils: pdftoppm, pdftotext, pdfimages).
+if ! command -v pdftoppm >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing Debian's poppler-utils for the report tests"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq poppler-utils >/dev/null) \
+        || echo "could not install poppler-utils: report PDF tests will skip"
+fi
+
 "$VENV/bin/ruff" check .
 "$VENV/bin/python" -m pytest -q "$@"

@@ -263,7 +263,9 @@ def test_new_slide_zeroes_counts_forgets_cells_and_starts_a_new_session_file(
     assert (snap["white_total"], snap["platelets"], snap["red_cells"], snap["slide"]["frames"]) == (0, 0, 0, 0)
     assert snap["queue"] == []
     assert display.slide.session.path != first  # same second: a suffixed name, the old file untouched
-    assert first.exists() and len(first.read_text().splitlines()) == 1
+    lines = [json.loads(line) for line in first.read_text().splitlines()]
+    assert len(lines) == 2 and lines[0]["reviewer_label"] == "monocyte"  # the decision, then the slide's end
+    assert lines[1]["event"] == "slide-end" and lines[1]["frames"] == {RUN: [0, 0]}
     with pytest.raises(DecisionError, match="unknown cell"):
         display.decide(RUN, 0, 1, "accept")
     display.handle(TOPIC_THUMB, old_frame_thumb)  # a late thumbnail of the old slide is not queued

@@ -180,6 +180,13 @@ class Slide:
     decisions: int = 0
     corrections: int = 0
     recent: deque[Decision] = field(default_factory=lambda: deque(maxlen=RECENT_DECISIONS))
+    frame_range: dict[str, list[int]] = field(default_factory=dict)  # run -> [first, last] frame_id counted
+
+    def end_record(self, ended_at: float, target: int) -> dict[str, Any]:
+        """The session's last line: which frames made this slide, so `cytoedge report` and the lab collector
+        count exactly them (a live run goes on across slides)."""
+        return {"event": "slide-end", "slide": self.slide_id, "started_at": self.started_at, "ended_at": ended_at,
+                "frames": self.frame_range, "target": target}
 
     def add(self, bucket: str, n: int = 1) -> None:
         if bucket == PLATELETS:
@@ -253,7 +260,10 @@ class DisplayState:
         return Slide(slide_id=path.stem, session=SessionLog(path), started_at=now)
 
     def new_slide(self) -> Slide:
-        """Zero the counts, forget the old slide's cells and review cards, start a new session file."""
+        """Zero the counts, forget the old slide's cells and review cards, start a new session file.
+        The old slide's session file (if it has decisions) is closed with its `slide-end` line."""
+        if self.slide.session.path.exists():
+            self.slide.session.append(self.slide.end_record(self.clock(), self.target))
         classes = list(self.slide.classes)
         self.slide = self._new_slide()
         self.slide.classes = classes  # the model did not change with the slide
@@ -319,6 +329,8 @@ class DisplayState:
             slide.frames_seen.popitem(last=False)
         slide.learn_classes(classes)
         slide.frames += 1
+        span = slide.frame_range.setdefault(run, [frame_id, frame_id])
+        span[0], span[1] = min(span[0], frame_id), max(span[1], frame_id)
         for cell_id, record in records:
             slide.add(record.bucket)
             if record.kind != "rbc":  # red cells are never reviewed; no need to remember them
