@@ -8,7 +8,6 @@ Results are written into the TOML config file with a line edit that keeps commen
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 import threading
@@ -19,19 +18,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 
-from edge.cellfinder import FinderParams, find_cells
+from edge.cellfinder import FinderParams
 from edge.errors import CytoedgeError
 from edge.fileutil import atomic_write_bytes
-from edge.quality import sharpness
+from edge.quality import focus
 
 RBC_DIAMETER_UM = 7.5
-MIN_RED_CELLS = 30
-# While searching, accept red cells from 1/3 to 3x the nominal size, so a scale that is wrong by
-# up to ~3x still finds the cells (the finder's own range, 5..10 um, would clip them).
-_SEARCH_RATIO = 3.0
-_MAX_PASSES = 5
+MIN_RED_CELLS = 20
+MIN_CELL_WORK_PX = 16  # smallest red cell sized, on the sizing copy (1/25 of the field: ~0.3 µm/px at 640 px)
+SIZING_WIDTH = 400  # red cells are sized on a copy this many pixels on its longest side (fast, scale-free)
+# A box drawn around a red cell (the truth the estimate is checked against) is this much wider than the
+# dark, Otsu-segmented body: the pale rim falls outside the threshold. Fitted once on the train+val
+# frames of BCCD and TXL-PBC (python -m engines.eval_scale --fit: 1.08..1.14 per source).
+RIM_FACTOR = 1.12
+MAX_SPREAD = 0.35  # refuse when the cells used spread (IQR / median) more than this: no clear size
 
 
 class CalibrationError(CytoedgeError):
@@ -41,16 +44,31 @@ class CalibrationError(CytoedgeError):
 @dataclass(frozen=True)
 class ScaleEstimate:
     um_per_px: float
-    median_px: float  # median red-cell diameter in pixels
-    iqr_px: float  # interquartile range of the diameters (spread; large = mixed cells or clumps)
-    count: int  # red cells measured
+    median_px: float  # red-cell diameter in frame pixels (median of the cells used)
+    iqr_px: float  # interquartile range of the diameters of the cells used
+    count: int  # red cells used (isolated, round, near the size mode)
     frames: int
-    passes: int
+    passes: int = 1  # kept for callers of the earlier iterative version
+    candidates: int = 0  # isolated round cells measured before keeping those near the mode
+
+    @property
+    def spread(self) -> float:
+        return self.iqr_px / self.median_px if self.median_px else float("inf")
+
+    @property
+    def confidence(self) -> str:
+        """high / medium / low, from the spread of the sizes and how many cells support them."""
+        if self.count >= 100 and self.spread <= 0.15:
+            return "high"
+        if self.count >= 50 and self.spread <= 0.25:
+            return "medium"
+        return "low"
 
     def summary(self) -> str:
         return (
-            f"um_per_px = {self.um_per_px:.4f} (median red cell {self.median_px:.1f} px, "
-            f"IQR {self.iqr_px:.1f} px, {self.count} cells in {self.frames} frame(s))"
+            f"um_per_px = {self.um_per_px:.4f} (red cell {self.median_px:.1f} px, IQR {self.iqr_px:.1f} px, "
+            f"{self.count} isolated cells of {self.candidates} measured in {self.frames} frame(s); "
+            f"confidence {self.confidence})"
         )
 
 
@@ -58,86 +76,132 @@ class ScaleEstimate:
 class FocusEstimate:
     threshold: float
     median: float
-    low: float  # sharpness of the least sharp good frame
+    low: float  # focus of the least sharp good frame
     high: float
     count: int
 
     def summary(self) -> str:
         return (
-            f"min_sharpness = {self.threshold:.1f} (good frames: median {self.median:.1f}, "
-            f"range {self.low:.1f}..{self.high:.1f}, {self.count} frame(s))"
+            f"min_focus = {self.threshold:.3f} (good frames: median {self.median:.3f}, "
+            f"range {self.low:.3f}..{self.high:.3f}, {self.count} frame(s))"
         )
 
 
-def _red_cell_diameters(
-    frames: Sequence[np.ndarray], um_per_px: float, params: FinderParams, rbc_diameter_um: float
-) -> np.ndarray:
-    search = dataclasses.replace(
-        params,
-        rbc_min_diameter_um=rbc_diameter_um / _SEARCH_RATIO,
-        rbc_max_diameter_um=rbc_diameter_um * _SEARCH_RATIO,
-    )
-    sizes = [
-        (d.bbox[2] + d.bbox[3]) / 2.0
-        for frame in frames
-        for d in find_cells(frame, um_per_px, search)
-        if d.kind == "rbc"
-    ]
+def red_cell_sizes(image_bgr: np.ndarray) -> np.ndarray:
+    """Diameters (frame pixels, box-like: mean of width and height) of the isolated, round red cells.
+
+    Needs no scale: red cells absorb green, so Otsu's threshold on green splits cells from plasma at
+    any magnification and exposure. Pale centres are enclosed holes and are filled. Touching or
+    overlapping cells make non-convex blobs and are skipped (a solidity test), as are cut-off cells at
+    the border and blobs with white-cell stain (B - R well above the plasma).
+    """
+    image = image_bgr if image_bgr.ndim == 3 and image_bgr.shape[2] == 3 else None
+    if image is None or image.size == 0 or min(image.shape[:2]) < 16:
+        return np.empty(0)
+    height, width = image.shape[:2]
+    f = min(1.0, SIZING_WIDTH / max(height, width))
+    small = cv2.resize(image, (round(width * f), round(height * f)), interpolation=cv2.INTER_AREA) if f < 1 else image
+    small = cv2.GaussianBlur(small, (3, 3), 0)
+    blue, green, red = cv2.split(small)
+    if int(green.max()) - int(green.min()) < 20:
+        return np.empty(0)  # a flat field has no cells to size
+    level, _ = cv2.threshold(green, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    mask = (green < level).astype(np.uint8)
+    mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5)))
+    rows, cols = mask.shape
+    # fill enclosed holes (pale centres), not the plasma: holes touching the border or large stay open
+    count, labels, stats, _c = cv2.connectedComponentsWithStats(1 - mask, connectivity=4)
+    inner = np.zeros(count, bool)
+    for i in range(1, count):
+        x, y, w, h, area = stats[i]
+        inner[i] = x > 0 and y > 0 and x + w < cols and y + h < rows and area < 0.02 * rows * cols
+    mask[inner[labels]] = 1
+    mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
+    stain = cv2.subtract(blue, red, dtype=cv2.CV_16S)
+    stain_bg = float(np.median(stain[mask == 0])) if (mask == 0).any() else 0.0
+    count, labels, stats, _c = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    sizes = []
+    for i in range(1, count):
+        x, y, w, h, area = (int(v) for v in stats[i])
+        at_border = x <= 0 or y <= 0 or x + w >= cols or y + h >= rows
+        if at_border or min(w, h) < MIN_CELL_WORK_PX or min(w, h) < 0.8 * max(w, h):
+            continue
+        blob = (labels[y:y + h, x:x + w] == i).astype(np.uint8)
+        contours, _h = cv2.findContours(blob, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        hull = cv2.contourArea(cv2.convexHull(max(contours, key=cv2.contourArea)))
+        if hull <= 0 or area / hull < 0.9:
+            continue  # touching or overlapping cells, or a ragged clump
+        if float(np.mean(stain[y:y + h, x:x + w][blob > 0] - stain_bg > 40)) > 0.05:
+            continue  # a white cell (stained nucleus)
+        sizes.append((w + h) / 2 / f)
     return np.asarray(sizes, dtype=np.float64)
+
+
+def _near_mode(sizes: np.ndarray) -> np.ndarray:
+    """The sizes within 25% of the most common size (a smoothed log-size histogram's peak): platelets,
+    dust, white cells without much stain and leftover pairs fall outside."""
+    logs = np.log(sizes)
+    edges = np.arange(logs.min(), logs.max() + 0.1, 0.05)
+    if len(edges) < 3:
+        return sizes
+    hist, edges = np.histogram(logs, bins=edges)
+    smooth = np.convolve(hist, [1, 2, 3, 2, 1], "same")
+    peak = int(np.argmax(smooth))
+    centre = math.exp((edges[peak] + edges[peak + 1]) / 2)
+    return sizes[(sizes > centre / 1.25) & (sizes < centre * 1.25)]
 
 
 def estimate_um_per_px(
     frames: Sequence[np.ndarray],
-    current_um_per_px: float,
+    current_um_per_px: float | None = None,
     rbc_diameter_um: float = RBC_DIAMETER_UM,
     params: FinderParams | None = None,
     min_cells: int = MIN_RED_CELLS,
 ) -> ScaleEstimate:
-    """Scale from the median red-cell diameter found by the cell finder.
+    """Scale from the typical diameter of isolated red cells (nominally ``rbc_diameter_um``).
 
-    The finder needs a scale to look for cells, so this iterates from ``current_um_per_px`` until the
-    estimate stops moving (within 1%); a start that is off by up to ~3x converges. Raises
-    CalibrationError when too few red cells are found (wrong slide area, empty field, no smear).
+    Needs no starting scale (``current_um_per_px`` and ``params`` are accepted for older callers).
+    Raises CalibrationError when the frames cannot tell: too few isolated red cells (empty field,
+    thick or crowded area) or sizes spread too widely for one red-cell size.
     """
+    del current_um_per_px, params
     if not frames:
         raise CalibrationError("no frames to calibrate from")
-    if not (math.isfinite(current_um_per_px) and current_um_per_px > 0):
-        raise CalibrationError(f"the starting um_per_px must be > 0, got {current_um_per_px!r}")
-    params = params or FinderParams()
-    um_per_px = float(current_um_per_px)
-    sizes = np.empty(0)
-    passes = 0
-    for passes in range(1, _MAX_PASSES + 1):  # noqa: B007 - the last value is reported
-        sizes = _red_cell_diameters(frames, um_per_px, params, rbc_diameter_um)
-        if len(sizes) < min_cells:
-            raise CalibrationError(
-                f"only {len(sizes)} red cell(s) found in {len(frames)} frame(s) (need {min_cells}); "
-                "point the camera at a thin, well-spread part of a blood smear, check focus and "
-                "exposure, or give more frames"
-            )
-        estimate = rbc_diameter_um / float(np.median(sizes))
-        settled = abs(estimate - um_per_px) / um_per_px < 0.01
-        um_per_px = estimate
-        if settled:
-            break
-    q1, median, q3 = np.percentile(sizes, [25, 50, 75])
-    return ScaleEstimate(round(um_per_px, 5), float(median), float(q3 - q1), len(sizes), len(frames), passes)
+    measured = [red_cell_sizes(frame) for frame in frames]
+    sizes = np.concatenate(measured) if measured else np.empty(0)
+    used = _near_mode(sizes) if len(sizes) else sizes
+    if len(used) < min_cells:
+        raise CalibrationError(
+            f"only {len(used)} red cell(s) found in {len(frames)} frame(s) (need {min_cells} isolated ones); "
+            "point the camera at a thin, well-spread part of a blood smear, check focus and "
+            "exposure, or give more frames"
+        )
+    q1, median, q3 = np.percentile(used, [25, 50, 75])
+    if (q3 - q1) / median > MAX_SPREAD:
+        raise CalibrationError(
+            f"red-cell sizes spread too widely (IQR {q3 - q1:.0f} px around {median:.0f} px) to give a scale; "
+            "use a thinner area of the smear or a stage micrometer (--stage-micrometer)"
+        )
+    diameter = float(median) * RIM_FACTOR
+    return ScaleEstimate(round(rbc_diameter_um / diameter, 5), diameter, float(q3 - q1) * RIM_FACTOR, len(used),
+                         len(frames), 1, len(sizes))
 
 
-def estimate_focus_threshold(frames: Iterable[np.ndarray], fraction: float = 0.4) -> FocusEstimate:
-    """A focus threshold from frames a person judged sharp: ``fraction`` of their median sharpness.
+def estimate_focus_threshold(frames: Iterable[np.ndarray], fraction: float = 0.5) -> FocusEstimate:
+    """A focus threshold from frames a person judged sharp: ``fraction`` of their 5th-percentile focus.
 
-    Sharpness falls steeply with defocus (a Gaussian blur of sigma 2 px at 640x480 divides it by ~5),
-    so 0.4 of the median passes every good frame while a visibly soft one fails.
+    The focus measure (edge.quality) falls steeply with defocus (a Gaussian blur of sigma 2 px at
+    640x480 divides it by ~3), so half the level of the softer good frames passes them all while a
+    visibly soft frame fails. A low percentile rather than the median, because a site's fields vary.
     """
-    values = np.asarray([sharpness(frame) for frame in frames], dtype=np.float64)
+    values = np.asarray([focus(frame) for frame in frames], dtype=np.float64)
     if len(values) == 0:
         raise CalibrationError("no frames to measure focus on")
     median = float(np.median(values))
     if median <= 0:
         raise CalibrationError("the frames have no detail at all (blank field or lens cap on?)")
-    threshold = fraction * median
-    return FocusEstimate(round(threshold, 2), median, float(values.min()), float(values.max()), len(values))
+    threshold = fraction * float(np.percentile(values, 5))
+    return FocusEstimate(round(threshold, 4), median, float(values.min()), float(values.max()), len(values))
 
 
 def grab_frames(
