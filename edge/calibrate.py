@@ -24,7 +24,7 @@ import numpy as np
 from edge.cellfinder import FinderParams
 from edge.errors import CytoedgeError
 from edge.fileutil import atomic_write_bytes
-from edge.quality import focus
+from edge.quality import Measures, QualityParams, focus, measure
 
 RBC_DIAMETER_UM = 7.5
 MIN_RED_CELLS = 20
@@ -34,6 +34,10 @@ SIZING_WIDTH = 400  # red cells are sized on a copy this many pixels on its long
 # dark, Otsu-segmented body: the pale rim falls outside the threshold. Fitted once on the train+val
 # frames of BCCD and TXL-PBC (python -m engines.eval_scale --fit: 1.08..1.14 per source).
 RIM_FACTOR = 1.12
+# In clumps a cell's size is twice its distance-transform peak; overlaps lower some peaks, so the
+# 70th percentile is taken and scaled to box size (fitted on train frames: 1.16..1.22 per source).
+CROWDED_PERCENTILE = 70.0
+CROWDED_FACTOR = 1.18
 MAX_SPREAD = 0.35  # refuse when the cells used spread (IQR / median) more than this: no clear size
 
 
@@ -49,7 +53,8 @@ class ScaleEstimate:
     count: int  # red cells used (isolated, round, near the size mode)
     frames: int
     passes: int = 1  # kept for callers of the earlier iterative version
-    candidates: int = 0  # isolated round cells measured before keeping those near the mode
+    candidates: int = 0  # cells measured before keeping those near the most common size
+    method: str = "isolated"  # isolated cells, or "crowded" (distance-transform peaks in clumps)
 
     @property
     def spread(self) -> float:
@@ -67,7 +72,7 @@ class ScaleEstimate:
     def summary(self) -> str:
         return (
             f"um_per_px = {self.um_per_px:.4f} (red cell {self.median_px:.1f} px, IQR {self.iqr_px:.1f} px, "
-            f"{self.count} isolated cells of {self.candidates} measured in {self.frames} frame(s); "
+            f"{self.count} {self.method} cells of {self.candidates} measured in {self.frames} frame(s); "
             f"confidence {self.confidence})"
         )
 
@@ -87,24 +92,21 @@ class FocusEstimate:
         )
 
 
-def red_cell_sizes(image_bgr: np.ndarray) -> np.ndarray:
-    """Diameters (frame pixels, box-like: mean of width and height) of the isolated, round red cells.
+def _red_cell_mask(image_bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """Red cells (pale centres filled) and white-cell stain on a ~400 px copy, and that copy's scale.
 
     Needs no scale: red cells absorb green, so Otsu's threshold on green splits cells from plasma at
-    any magnification and exposure. Pale centres are enclosed holes and are filled. Touching or
-    overlapping cells make non-convex blobs and are skipped (a solidity test), as are cut-off cells at
-    the border and blobs with white-cell stain (B - R well above the plasma).
-    """
+    any magnification and exposure. Pale centres are enclosed holes and are filled."""
     image = image_bgr if image_bgr.ndim == 3 and image_bgr.shape[2] == 3 else None
     if image is None or image.size == 0 or min(image.shape[:2]) < 16:
-        return np.empty(0)
+        return None
     height, width = image.shape[:2]
     f = min(1.0, SIZING_WIDTH / max(height, width))
     small = cv2.resize(image, (round(width * f), round(height * f)), interpolation=cv2.INTER_AREA) if f < 1 else image
     small = cv2.GaussianBlur(small, (3, 3), 0)
     blue, green, red = cv2.split(small)
     if int(green.max()) - int(green.min()) < 20:
-        return np.empty(0)  # a flat field has no cells to size
+        return None  # a flat field has no cells to size
     level, _ = cv2.threshold(green, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     mask = (green < level).astype(np.uint8)
     mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5)))
@@ -119,6 +121,20 @@ def red_cell_sizes(image_bgr: np.ndarray) -> np.ndarray:
     mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
     stain = cv2.subtract(blue, red, dtype=cv2.CV_16S)
     stain_bg = float(np.median(stain[mask == 0])) if (mask == 0).any() else 0.0
+    nuclei = ((stain - stain_bg) > 40).astype(np.uint8)
+    return mask, nuclei, f
+
+
+def red_cell_sizes(image_bgr: np.ndarray) -> np.ndarray:
+    """Diameters (frame pixels, box-like: mean of width and height) of the isolated, round red cells.
+
+    Touching or overlapping cells make non-convex blobs and are skipped (a solidity test), as are
+    cut-off cells at the border and blobs with white-cell stain (B - R well above the plasma)."""
+    found = _red_cell_mask(image_bgr)
+    if found is None:
+        return np.empty(0)
+    mask, nuclei, f = found
+    rows, cols = mask.shape
     count, labels, stats, _c = cv2.connectedComponentsWithStats(mask, connectivity=8)
     sizes = []
     for i in range(1, count):
@@ -131,9 +147,40 @@ def red_cell_sizes(image_bgr: np.ndarray) -> np.ndarray:
         hull = cv2.contourArea(cv2.convexHull(max(contours, key=cv2.contourArea)))
         if hull <= 0 or area / hull < 0.9:
             continue  # touching or overlapping cells, or a ragged clump
-        if float(np.mean(stain[y:y + h, x:x + w][blob > 0] - stain_bg > 40)) > 0.05:
+        if float(np.mean(nuclei[y:y + h, x:x + w][blob > 0])) > 0.05:
             continue  # a white cell (stained nucleus)
         sizes.append((w + h) / 2 / f)
+    return np.asarray(sizes, dtype=np.float64)
+
+
+def crowded_cell_sizes(image_bgr: np.ndarray) -> np.ndarray:
+    """Diameters (frame pixels) of the red cells in clumps too: twice the distance-transform peak at
+    each cell centre, which a touching neighbour does not change (an overlapping one lowers it, so the
+    estimate takes an upper percentile of these). Used when too few cells lie alone."""
+    found = _red_cell_mask(image_bgr)
+    if found is None:
+        return np.empty(0)
+    mask, nuclei, f = found
+    rows, cols = mask.shape
+    dist = cv2.distanceTransform(mask, cv2.DIST_L2, 5)
+    count, labels, _stats, _c = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    blob_peak = np.zeros(count, np.float32)
+    np.maximum.at(blob_peak, labels.ravel(), dist.ravel())
+    typical = blob_peak[1:][blob_peak[1:] >= MIN_CELL_WORK_PX / 2]
+    if not len(typical):
+        return np.empty(0)
+    window = max(3, int(np.median(typical))) | 1  # peaks at least ~a radius apart: one per cell
+    disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (window, window))
+    peaks = (dist >= cv2.dilate(dist, disc)) & (dist >= MIN_CELL_WORK_PX / 2)
+    _n, _labels, _s, centres = cv2.connectedComponentsWithStats(peaks.astype(np.uint8), connectivity=8)
+    sizes = []
+    for cx, cy in centres[1:]:
+        r = float(dist[min(rows - 1, int(cy + 0.5)), min(cols - 1, int(cx + 0.5))])
+        if cx - r < 1 or cy - r < 1 or cx + r > cols - 2 or cy + r > rows - 2:
+            continue  # the cell may run out of the frame
+        if float(np.mean(nuclei[int(cy - r):int(cy + r) + 1, int(cx - r):int(cx + r) + 1])) > 0.05:
+            continue
+        sizes.append((2 * r + 1) / f)
     return np.asarray(sizes, dtype=np.float64)
 
 
@@ -145,7 +192,7 @@ def _near_mode(sizes: np.ndarray) -> np.ndarray:
     if len(edges) < 3:
         return sizes
     hist, edges = np.histogram(logs, bins=edges)
-    smooth = np.convolve(hist, [1, 2, 3, 2, 1], "same")
+    smooth = np.convolve(np.pad(hist, 2), [1, 2, 3, 2, 1], "valid")
     peak = int(np.argmax(smooth))
     centre = math.exp((edges[peak] + edges[peak + 1]) / 2)
     return sizes[(sizes > centre / 1.25) & (sizes < centre * 1.25)]
@@ -161,30 +208,35 @@ def estimate_um_per_px(
     """Scale from the typical diameter of isolated red cells (nominally ``rbc_diameter_um``).
 
     Needs no starting scale (``current_um_per_px`` and ``params`` are accepted for older callers).
-    Raises CalibrationError when the frames cannot tell: too few isolated red cells (empty field,
-    thick or crowded area) or sizes spread too widely for one red-cell size.
+    Isolated round cells are the best ruler; when fewer than ``min_cells`` lie alone (crowded fields,
+    few frames) the cells in clumps are sized instead. Raises CalibrationError when the frames cannot
+    tell: too few red cells (empty field, thick area) or sizes spread too widely for one red-cell size.
     """
     del current_um_per_px, params
     if not frames:
         raise CalibrationError("no frames to calibrate from")
-    measured = [red_cell_sizes(frame) for frame in frames]
-    sizes = np.concatenate(measured) if measured else np.empty(0)
-    used = _near_mode(sizes) if len(sizes) else sizes
+    alone = np.concatenate([red_cell_sizes(frame) for frame in frames])
+    used = _near_mode(alone) if len(alone) else alone
+    method, factor, measured, pick = "isolated", RIM_FACTOR, len(alone), 50.0
+    if len(used) < min_cells:
+        crowded = np.concatenate([crowded_cell_sizes(frame) for frame in frames])
+        used = _near_mode(crowded) if len(crowded) else crowded
+        method, factor, measured, pick = "crowded", CROWDED_FACTOR, len(crowded), CROWDED_PERCENTILE
     if len(used) < min_cells:
         raise CalibrationError(
-            f"only {len(used)} red cell(s) found in {len(frames)} frame(s) (need {min_cells} isolated ones); "
+            f"only {len(used)} red cell(s) found in {len(frames)} frame(s) (need {min_cells}); "
             "point the camera at a thin, well-spread part of a blood smear, check focus and "
             "exposure, or give more frames"
         )
-    q1, median, q3 = np.percentile(used, [25, 50, 75])
-    if (q3 - q1) / median > MAX_SPREAD:
+    q1, typical, q3 = np.percentile(used, [25, pick, 75])
+    if (q3 - q1) / typical > MAX_SPREAD:
         raise CalibrationError(
-            f"red-cell sizes spread too widely (IQR {q3 - q1:.0f} px around {median:.0f} px) to give a scale; "
+            f"red-cell sizes spread too widely (IQR {q3 - q1:.0f} px around {typical:.0f} px) to give a scale; "
             "use a thinner area of the smear or a stage micrometer (--stage-micrometer)"
         )
-    diameter = float(median) * RIM_FACTOR
-    return ScaleEstimate(round(rbc_diameter_um / diameter, 5), diameter, float(q3 - q1) * RIM_FACTOR, len(used),
-                         len(frames), 1, len(sizes))
+    diameter = float(typical) * factor
+    return ScaleEstimate(round(rbc_diameter_um / diameter, 5), diameter, float(q3 - q1) * factor, len(used),
+                         len(frames), 1, measured, method)
 
 
 def estimate_focus_threshold(frames: Iterable[np.ndarray], fraction: float = 0.5) -> FocusEstimate:
@@ -202,6 +254,54 @@ def estimate_focus_threshold(frames: Iterable[np.ndarray], fraction: float = 0.5
         raise CalibrationError("the frames have no detail at all (blank field or lens cap on?)")
     threshold = fraction * float(np.percentile(values, 5))
     return FocusEstimate(round(threshold, 4), median, float(values.min()), float(values.max()), len(values))
+
+
+@dataclass(frozen=True)
+class QualityFit:
+    """Gate thresholds fitted to a site's good frames, and the levels they came from."""
+
+    params: QualityParams
+    frames: int
+    background: float  # median background grey level
+    contrast: float  # median cell contrast
+    focus: float  # median focus
+
+    def summary(self) -> str:
+        p = self.params
+        return (
+            f"quality: background {self.background:.0f} (too dark below {p.min_brightness:.0f}), cell contrast "
+            f"{self.contrast:.2f} (empty / washed out below {p.min_contrast:.3f}), focus {self.focus:.3f} "
+            f"(out of focus below {p.min_focus:.3f}), cells washed out above grey {p.max_brightness:.0f}, "
+            f"clipped cell colour above {p.max_clipped:.0%}; {self.frames} frame(s)"
+        )
+
+
+def fit_quality(frames: Sequence[np.ndarray], min_frames: int = 5) -> QualityFit:
+    """Thresholds from frames of a normal smear at this microscope: each well outside the spread of
+    the good frames (half the 5th percentile of contrast and focus, half the dimmest background,
+    halfway from the palest cells to white), so every such frame passes and a degraded one does not."""
+    measures: list[Measures] = [measure(frame) for frame in frames]
+    if len(measures) < min_frames:
+        raise CalibrationError(f"need at least {min_frames} frames to fit the quality gate, got {len(measures)}")
+    background = np.array([m.brightness for m in measures])
+    contrast = np.array([m.contrast for m in measures])
+    focus_values = np.array([m.focus for m in measures])
+    clipped = np.array([m.clipped for m in measures])
+    cells = np.array([m.cell_level for m in measures])
+    if float(np.median(contrast)) < 0.03:
+        raise CalibrationError("the frames show no cells (contrast too low): point the camera at a blood smear")
+    palest = float(np.percentile(cells, 99))
+    params = QualityParams(
+        enabled=True,
+        min_sharpness=0.0,
+        min_brightness=round(max(20.0, 0.5 * float(np.percentile(background, 1))), 1),
+        max_brightness=round(min(252.0, palest + 0.5 * (255.0 - palest)), 1),
+        max_clipped=round(float(np.clip(2 * np.percentile(clipped, 99) + 0.05, 0.05, 0.5)), 3),
+        min_contrast=round(max(0.02, 0.5 * float(np.percentile(contrast, 5))), 4),
+        min_focus=round(0.5 * float(np.percentile(focus_values, 5)), 4),
+    )
+    return QualityFit(params, len(measures), float(np.median(background)), float(np.median(contrast)),
+                      float(np.median(focus_values)))
 
 
 def grab_frames(

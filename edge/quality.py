@@ -126,12 +126,12 @@ def assess(image_bgr: np.ndarray, params: QualityParams = QualityParams()) -> st
     m = measure(image_bgr)
     if m.brightness < params.min_brightness:
         return f"too dark (background {m.brightness:.0f} < {params.min_brightness:g})"
-    if m.cell_level > params.max_brightness:
-        return f"over-exposed: cells washed out (cell level {m.cell_level:.0f} > {params.max_brightness:g})"
     if m.contrast < params.min_contrast:
         if m.brightness >= CLIP_HIGH:
             return f"over-exposed: cells washed out (contrast {m.contrast:.2f} < {params.min_contrast:g})"
         return f"no contrast: empty field or no smear (contrast {m.contrast:.2f} < {params.min_contrast:g})"
+    if m.cell_level > params.max_brightness:
+        return f"over-exposed: cells washed out (cell level {m.cell_level:.0f} > {params.max_brightness:g})"
     if m.clipped > params.max_clipped:
         return f"clipped colour on the cells ({m.clipped:.0%} of cell pixels > {params.max_clipped:.0%})"
     if params.min_focus > 0 and m.focus < params.min_focus:

@@ -13,14 +13,23 @@ factor (truth box size / segmented size) per source on the train frames only, th
 from __future__ import annotations
 
 import argparse
+import csv
 import sys
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
-from edge.calibrate import RBC_DIAMETER_UM, CalibrationError, estimate_um_per_px, red_cell_sizes
-from engines.finder_data import SOURCES, Frame, available, frames
+from edge.calibrate import (
+    CROWDED_PERCENTILE,
+    RBC_DIAMETER_UM,
+    CalibrationError,
+    _near_mode,
+    crowded_cell_sizes,
+    estimate_um_per_px,
+    red_cell_sizes,
+)
+from engines.finder_data import SOURCES, Frame, available, frames, shared_data
 
 
 def true_um_per_px(train: list[Frame]) -> tuple[float, int]:
@@ -61,14 +70,33 @@ def evaluate(source: str, n_frames: int = 30) -> ScaleRow:
         return ScaleRow(source, truth, cells, None, f"refused: {error}")
 
 
-def rim_factor(source: str, n_frames: int = 60) -> float:
-    """Box size of the annotated red cells / median segmented size, on train frames."""
+def rim_factors(source: str, n_frames: int = 60) -> tuple[float, float]:
+    """Box size of the annotated red cells over the measured size, on train frames: for isolated
+    cells (median) and for the crowded-field measure (its 70th percentile)."""
     train = [f for f in frames(source) if f.split == "train"][:n_frames]
     truth, _n = true_um_per_px(train)
-    sizes = np.concatenate([red_cell_sizes(cv2.imread(str(f.image))) for f in train])
-    from edge.calibrate import _near_mode
+    images = [cv2.imread(str(f.image)) for f in train]
+    alone = _near_mode(np.concatenate([red_cell_sizes(i) for i in images]))
+    crowded = _near_mode(np.concatenate([crowded_cell_sizes(i) for i in images]))
+    box = RBC_DIAMETER_UM / truth
+    return box / float(np.median(alone)), box / float(np.percentile(crowded, CROWDED_PERCENTILE))
 
-    return RBC_DIAMETER_UM / truth / float(np.median(_near_mode(sizes)))
+
+CELLAVISION_REFERENCE = 0.10  # µm/px: PBC's CellaVision DM96 crops (pbc/ README: ~0.25 at 144 px from 360 px)
+
+
+def evaluate_cellavision(n_frames: int) -> ScaleRow:
+    """wbc-shift's cellavision-blog crops have no boxes: compared with the CellaVision DM96 scale."""
+    manifest = shared_data() / "wbc-shift" / "manifest.csv"
+    with open(manifest, newline="") as handle:
+        paths = [row["path"] for row in csv.DictReader(handle) if row["domain"] == "cellavision-blog"]
+    images = [cv2.imread(str(manifest.parent / p)) for p in paths[:n_frames]]
+    try:
+        estimate = estimate_um_per_px([i for i in images if i is not None])
+        return ScaleRow("wbc-shift cellavision-blog*", CELLAVISION_REFERENCE, 0, estimate.um_per_px,
+                        estimate.summary())
+    except CalibrationError as error:
+        return ScaleRow("wbc-shift cellavision-blog*", CELLAVISION_REFERENCE, 0, None, f"refused: {error}")
 
 
 def table(rows: list[ScaleRow]) -> str:
@@ -91,9 +119,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.fit:
         for source in SOURCES:
-            print(f"{source}: rim factor {rim_factor(source):.3f}")
+            alone, crowded = rim_factors(source)
+            print(f"{source}: isolated-cell factor {alone:.3f}, crowded-field factor {crowded:.3f}")
         return 0
-    print(table([evaluate(s, args.frames) for s in SOURCES]))
+    rows = [evaluate(s, args.frames) for s in SOURCES] + [evaluate_cellavision(args.frames)]
+    print(table(rows))
+    print("\n*reference, not a measurement: the CellaVision DM96 scale of PBC's crops (no boxes in wbc-shift)")
     return 0
 
 
