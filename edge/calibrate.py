@@ -349,10 +349,22 @@ def set_toml_value(path: str | Path, section: str, key: str, value: Any) -> None
     creates the file if it does not exist. The file is replaced atomically (temp file + os.replace),
     so a crash leaves the old config or the new one. A trailing comment on the edited line is kept.
     """
-    if not re.fullmatch(r"[A-Za-z0-9_-]+", key) or not re.fullmatch(r"[A-Za-z0-9_.-]+", section):
-        raise ValueError(f"unsupported TOML name: [{section}] {key}")
+    set_toml_values(path, {section: {key: value}})
+
+
+def set_toml_values(path: str | Path, values: dict[str, dict[str, Any]]) -> None:
+    """Several ``[section] key = value`` edits in one atomic replacement of the file (all or none)."""
     path = Path(path)
     text = path.read_text(encoding="utf-8") if path.exists() else ""
+    for section, keys in values.items():
+        for key, value in keys.items():
+            text = _edit_toml(text, section, key, value)
+    _atomic_write_text(path, text)
+
+
+def _edit_toml(text: str, section: str, key: str, value: Any) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", key) or not re.fullmatch(r"[A-Za-z0-9_.-]+", section):
+        raise ValueError(f"unsupported TOML name: [{section}] {key}")
     lines = text.splitlines()
     literal = toml_value(value)
     key_line = re.compile(_KEY.format(key=re.escape(key)) + r"(.*)$")
@@ -370,8 +382,7 @@ def set_toml_value(path: str | Path, section: str, key: str, value: Any) -> None
         found = key_line.match(line)
         if found:
             lines[index] = f"{found.group(1)}{key} = {literal}{_trailing_comment(found.group(2))}"
-            _atomic_write_text(path, "\n".join(lines) + "\n")
-            return
+            return "\n".join(lines) + "\n"
         if line.strip():
             section_end = index + 1
     if section_end is None:
@@ -380,7 +391,7 @@ def set_toml_value(path: str | Path, section: str, key: str, value: Any) -> None
         lines += [f"[{section}]", f"{key} = {literal}"]
     else:
         lines.insert(section_end, f"{key} = {literal}")
-    _atomic_write_text(path, "\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def _trailing_comment(rest: str) -> str:

@@ -30,21 +30,21 @@ class FinderParams:
 
     work_um_per_px: float = 0.3  # resolution the finder works at (frames are downscaled to it, never up)
     background_percentile: float = 75.0  # pixels brighter (in green) than this percentile are background
-    nucleus_delta: float = 24.0  # stain above background that marks white-cell nucleus pixels
+    nucleus_delta: float = 28.0  # stain above background that marks white-cell nucleus pixels
     merge_um: float = 2.0  # closing diameter that joins the lobes of one nucleus
     wbc_min_nucleus_um2: float = 10.0  # smallest stained area that counts as a white-cell nucleus
     wbc_min_part_um2: float = 4.0  # smallest stained fragment that may be joined to a nucleus
     lobe_gap_um: float = 3.0  # fragments this close (box to box) belong to one nucleus ...
     wbc_max_nucleus_um: float = 18.0  # ... as long as the joined nucleus is no wider than this
-    wbc_max_diameter_um: float = 22.0  # largest white cell (limits how far the cell body may grow)
+    wbc_max_diameter_um: float = 16.0  # largest white cell (limits how far the cell body may grow)
     cyto_delta: float = 10.0  # stain above background that marks white-cell cytoplasm
     wbc_min_grow: float = 1.15  # the cell box is at least the nucleus box times this, per side
     wbc_box_scale: float = 1.0  # final cell box = segmented cell box times this (palest rim of cytoplasm)
     platelet_delta: float = 10.0  # stain above background that outlines a platelet
-    platelet_peak: float = 28.0  # ... and that its most stained pixel must reach
+    platelet_peak: float = 24.0  # ... and that its most stained pixel must reach
     platelet_min_um: float = 1.0  # platelet stained-blob equivalent diameter range
-    platelet_max_um: float = 4.5
-    platelet_box_um: float = 2.8  # smallest platelet box side (the stained blob is its granulomere only)
+    platelet_max_um: float = 3.5
+    platelet_box_um: float = 2.2  # smallest platelet box side (the stained blob is its granulomere only)
     platelet_box_grow: float = 1.2  # platelet box = stained blob box times this, if larger
     platelet_wbc_margin_um: float = 0.0  # blobs this close to a white-cell box are its granules, not platelets
     rbc_delta: float = 18.0  # green-channel darkening below background that marks red-cell pixels
