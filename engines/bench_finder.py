@@ -4,26 +4,30 @@
 
 For each source (TXL-PBC's bccd, bcd, raabin; BCCD's own VOC boxes) the steps a new site takes:
 estimate µm/px from unlabelled val+test frames (``edge.calibrate.estimate_um_per_px``), fit the
-finder to those frames (``edge.sitefit.fit_finder``, no boxes), then find cells on the test frames
-and match them to the boxes at IoU >= 0.5. The "leave-one-microscope-out" column runs the same with
-finder defaults chosen without that microscope (see docs/cellfinder.md). Red-cell count: found /
-boxed on the test frames (TXL-PBC boxes every red cell; BCCD's VOC boxes do not).
+fit the finder to them (``edge.sitefit.fit_finder``), then find cells on the test frames and match them to the boxes at
+IoU >= 0.5. The leave-one-microscope-out column uses finder parameters tuned on the train frames of
+the *other* microscopes only (engines/finder_loo/, from ``engines.tune_finder --leave-out``).
+Red-cell count: found / boxed on the test frames (TXL-PBC boxes every red cell; BCCD's VOC boxes
+do not, so there it only shows the finder finds more).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import cv2
 import numpy as np
 
 from edge.calibrate import CalibrationError, estimate_um_per_px
 from edge.cellfinder import FinderParams, find_cells
+from edge.sitefit import fit_finder
 from engines.eval_finder import match, write_block
 from engines.finder_data import SOURCES, Frame, available, frames
 
@@ -79,19 +83,34 @@ def run(source: str, n_scale: int, params: FinderParams) -> tuple[float | None, 
         scale = estimate_um_per_px(unlabelled).um_per_px
     except CalibrationError as error:
         return None, None, str(error)
+    fitted = fit_finder(unlabelled, scale, params).params  # what `calibrate site` would write
     test = [f for f in frames(source) if f.split == "test"]
-    return scale, score(test, scale, params), ""
+    return scale, score(test, scale, fitted), ""
 
 
-def row(source: str, scale: float | None, s: Score | None, note: str) -> str:
+MICROSCOPE = {"bccd": "BCCD", "bccd-voc": "BCCD", "bcd": "BCD", "raabin": "Raabin"}
+LOO_DIR = Path(__file__).resolve().parent / "finder_loo"
+
+
+def loo_params(source: str) -> FinderParams | None:
+    """Finder parameters tuned without this source's microscope (engines.tune_finder --leave-out)."""
+    path = LOO_DIR / f"without-{MICROSCOPE[source]}.json"
+    if not path.is_file():
+        return None
+    return FinderParams(**json.loads(path.read_text())["params"])
+
+
+def row(source: str, scale: float | None, s: Score | None, loo: Score | None, note: str) -> str:
     if s is None or scale is None:
-        return f"| {source} | — | refused: {note} | | | | | |"
+        return f"| {source} | — | refused: {note} | | | | | | |"
+    held_out = "—" if loo is None else (f"{loo.recall('wbc'):.3f} / {loo.precision('wbc'):.3f} / "
+                                        f"{loo.recall('platelet'):.3f}")
     return (f"| {source} | {s.frames} | {scale:.4f} "
             f"| {s.recall('wbc'):.3f} ({s.tp['wbc']}/{s.truth['wbc']}) "
             f"| {s.precision('wbc'):.3f} ({s.tp['wbc']}/{s.found['wbc']}) "
             f"| {s.recall('platelet'):.3f} ({s.tp['platelet']}/{s.truth['platelet']}) "
             f"| {s.count_ratio('rbc'):.2f} ({s.found['rbc']}/{s.truth['rbc']}) "
-            f"| {np.mean(s.ms):.1f} |")
+            f"| {held_out} | {np.mean(s.ms):.1f} |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,16 +124,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cv2.setNumThreads(1)
     head = ("| source | test frames | µm/px (calibrate) | WBC recall | WBC precision | platelet recall "
-            "| red cells found / boxed | ms/frame |\n|---|---|---|---|---|---|---|---|")
+            "| red cells found / boxed | leave-one-microscope-out: WBC recall / precision / platelet recall "
+            "| finder ms/frame |\n|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for source in args.sources:
         scale, s, note = run(source, args.frames_for_scale, FinderParams())
-        lines.append(row(source, scale, s, note))
+        held_out = loo_params(source)
+        loo = None
+        if scale is not None and held_out is not None:
+            loo = score([f for f in frames(source) if f.split == "test"], scale, held_out)
+        lines.append(row(source, scale, s, loo, note))
         print(lines[-1], flush=True)
     machine = f"{MACHINE} ({platform.machine()}, {os.cpu_count()} CPUs, OpenCV {cv2.__version__}, one thread)"
     block = "\n".join(lines) + f"\n\nMeasured by `python -m engines.bench_finder` on a {machine}."
     if args.out:
-        write_block(__import__("pathlib").Path(args.out), block)
+        write_block(Path(args.out), block)
     return 0
 
 

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
 
 from edge.calibrate import estimate_um_per_px
 from edge.cellfinder import FinderParams, find_cells
+from edge.fileutil import atomic_write_bytes
 from engines.bench_finder import site_frames
 from engines.eval_finder import match
 from engines.finder_data import SOURCES, available, frames
@@ -87,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--leave-out", choices=sorted(set(MICROSCOPES.values())))
     parser.add_argument("--frames", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--save", help="write the chosen parameters (all of them) to this JSON file")
     args = parser.parse_args(argv)
     if not available():
         print("the shared data (../shared/data) is not here", file=sys.stderr)
@@ -97,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     changed = {f.name: getattr(best, f.name) for f in dataclasses.fields(best)
                if getattr(best, f.name) != getattr(FinderParams(), f.name)}
     print(f"score {score:.4f}; changed from the defaults: {changed}")
+    if args.save:
+        text = json.dumps({"left_out": args.leave_out, "train_score": round(score, 4),
+                           "params": dataclasses.asdict(best)}, indent=1)
+        atomic_write_bytes(Path(args.save), (text + "\n").encode())
     return 0
 
 
