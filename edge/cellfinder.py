@@ -9,6 +9,7 @@ accuracy on BCCD: ``docs/cellfinder.md`` (``python -m engines.eval_finder``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ class FinderParams:
     platelet_delta: float = 10.0  # stain above background that outlines a platelet
     platelet_peak: float = 24.0  # ... and that its most stained pixel must reach
     platelet_min_um: float = 1.0  # platelet stained-blob equivalent diameter range
-    platelet_max_um: float = 3.5
+    platelet_max_um: float = 4.5
     platelet_box_um: float = 2.2  # smallest platelet box side (the stained blob is its granulomere only)
     platelet_box_grow: float = 1.2  # platelet box = stained blob box times this, if larger
     platelet_wbc_margin_um: float = 0.0  # blobs this close to a white-cell box are its granules, not platelets
@@ -53,6 +54,9 @@ class FinderParams:
     rbc_box_grow: float = 1.3  # red-cell box half side = distance-transform peak times this (the mask is eroded)
     find_rbc: bool = True  # red cells are only counted downstream; turn off to save ~1 ms a frame
     stain_od: bool = True  # stain = optical density off the red-cell colour (any microscope); false = B - R
+    pink_rbc_max: float = 3.0  # red cells whose median B - R stays under this are "pink": platelets use B - R
+    platelet_br_delta: float = 22.0  # ... and then these B - R levels outline a platelet
+    platelet_br_peak: float = 28.0
 
 
 @dataclass(frozen=True)
@@ -125,15 +129,19 @@ def find_cells(image_bgr: np.ndarray, um_per_px: float, params: FinderParams = F
     px_um = um_per_px * (sx + sy) / 2  # micrometres per working pixel
     green = small[:, :, 1]
     bright = green >= np.percentile(green, min(100.0, params.background_percentile))
-    if params.stain_od:
-        excess = _od_stain(small, bright)
-    else:
-        blue, _g, red = cv2.split(small)
-        stain = cv2.subtract(blue, red, dtype=cv2.CV_16S)
-        # background level of the stain: plasma between cells is the brightest part of a smear, so take
-        # the median over the brightest pixels (the plain median drifts towards red cells in crowded frames)
-        stain_bg = float(np.median(stain[bright])) if bright.any() else float(np.median(stain))
-        excess = stain.astype(np.float32) - stain_bg
+    blue, _g, red = cv2.split(small)
+    stain = cv2.subtract(blue, red, dtype=cv2.CV_16S)
+    # background level of the stain: plasma between cells is the brightest part of a smear, so take
+    # the median over the brightest pixels (the plain median drifts towards red cells in crowded frames)
+    stain_bg = float(np.median(stain[bright])) if bright.any() else float(np.median(stain))
+    blue_minus_red = stain.astype(np.float32) - stain_bg
+    excess = _od_stain(small, bright) if params.stain_od else blue_minus_red
+    platelet_excess, platelet_params = excess, params
+    if params.stain_od and _pink_red_cells(blue_minus_red, green, params):
+        # faint platelets stand out better in B - R, which is safe where red cells are pink (not bluish)
+        platelet_excess = blue_minus_red
+        platelet_params = dataclasses.replace(params, platelet_delta=params.platelet_br_delta,
+                                              platelet_peak=params.platelet_br_peak)
 
     detections: list[Detection] = []
     nucleus = (excess > params.nucleus_delta).astype(np.uint8)
@@ -163,11 +171,19 @@ def find_cells(image_bgr: np.ndarray, um_per_px: float, params: FinderParams = F
         if clipped:
             detections.append(Detection("wbc", clipped, round(score, 4)))
 
-    detections.extend(_platelets(excess, wbc_boxes, px_um, (sx, sy), (width, height), params))
+    detections.extend(_platelets(platelet_excess, wbc_boxes, px_um, (sx, sy), (width, height), platelet_params))
 
     if params.find_rbc:
         detections.extend(_red_cells(green, nucleus, wbc_boxes, px_um, (sx, sy), (width, height), params))
     return detections
+
+
+def _pink_red_cells(blue_minus_red: np.ndarray, green: np.ndarray, params: FinderParams) -> bool:
+    """True when this frame's red cells are no bluer than the plasma (B - R stays low on them)."""
+    red_cells = green < np.percentile(green, 90) - params.rbc_delta
+    if not red_cells.any():
+        return False
+    return float(np.median(blue_minus_red[red_cells])) <= params.pink_rbc_max
 
 
 _LOG = np.log(np.arange(256, dtype=np.float32).clip(1, None))  # ln of each grey level (0 read as 1)

@@ -36,6 +36,8 @@ GRID = {
     "platelet_min_um": [0.6, 0.8, 1.0, 1.3],
     "platelet_max_um": [3.5, 4.5, 5.5],
     "platelet_box_um": [2.2, 2.8, 3.4],
+    "platelet_br_delta": [16.0, 19.0, 22.0, 26.0],
+    "platelet_br_peak": [22.0, 25.0, 28.0, 32.0],
     "wbc_min_nucleus_um2": [10.0, 15.0, 20.0, 30.0],
     "wbc_max_diameter_um": [16.0, 18.0, 20.0, 22.0],
 }
