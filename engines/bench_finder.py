@@ -25,10 +25,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from edge.calibrate import CalibrationError, estimate_um_per_px
+from edge.calibrate import CalibrationError, estimate_um_per_px, fit_quality
 from edge.cellfinder import FinderParams, find_cells
+from edge.quality import assess
 from edge.sitefit import fit_finder
 from engines.eval_finder import match, write_block
+from engines.eval_scale import true_um_per_px
 from engines.finder_data import SOURCES, Frame, available, frames
 
 MACHINE = "2-core x86_64 VM, no GPU"
@@ -77,6 +79,21 @@ def site_frames(source: str, n: int) -> list[np.ndarray]:
     return [img for img in (cv2.imread(str(f.image)) for f in picked) if img is not None]
 
 
+def quality_rejections(source: str, n_fit: int = 60) -> tuple[int, int, int]:
+    """Frames of this source refused by the default gate and by the gate fitted to its val+test
+    frames (as ``calibrate site`` would), and how many frames there are."""
+    fitted = fit_quality(site_frames(source, n_fit)).params
+    default = refused = total = 0
+    for frame in frames(source):
+        image = cv2.imread(str(frame.image))
+        if image is None:
+            continue
+        total += 1
+        default += assess(image) is not None
+        refused += assess(image, fitted) is not None
+    return default, refused, total
+
+
 def run(source: str, n_scale: int, params: FinderParams) -> tuple[float | None, Score | None, str]:
     unlabelled = site_frames(source, n_scale)
     try:
@@ -100,17 +117,19 @@ def loo_params(source: str) -> FinderParams | None:
     return FinderParams(**json.loads(path.read_text())["params"])
 
 
-def row(source: str, scale: float | None, s: Score | None, loo: Score | None, note: str) -> str:
+def row(source: str, scale: float | None, s: Score | None, loo: Score | None, note: str, truth: float,
+        rejected: tuple[int, int, int]) -> str:
+    gate = f"{rejected[0]} / {rejected[1]} of {rejected[2]}"
     if s is None or scale is None:
-        return f"| {source} | — | refused: {note} | | | | | | |"
+        return f"| {source} | — | refused: {note} | | | | | | | {gate} |"
     held_out = "—" if loo is None else (f"{loo.recall('wbc'):.3f} / {loo.precision('wbc'):.3f} / "
                                         f"{loo.recall('platelet'):.3f}")
-    return (f"| {source} | {s.frames} | {scale:.4f} "
+    return (f"| {source} | {s.frames} | {scale:.4f} ({truth:.4f}, {scale / truth - 1:+.1%}) "
             f"| {s.recall('wbc'):.3f} ({s.tp['wbc']}/{s.truth['wbc']}) "
             f"| {s.precision('wbc'):.3f} ({s.tp['wbc']}/{s.found['wbc']}) "
             f"| {s.recall('platelet'):.3f} ({s.tp['platelet']}/{s.truth['platelet']}) "
             f"| {s.count_ratio('rbc'):.2f} ({s.found['rbc']}/{s.truth['rbc']}) "
-            f"| {held_out} | {np.mean(s.ms):.1f} |")
+            f"| {held_out} | {np.mean(s.ms):.1f} | {gate} |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,9 +142,11 @@ def main(argv: list[str] | None = None) -> int:
         print("the shared data (../shared/data: txl-pbc, bccd) is not here", file=sys.stderr)
         return 2
     cv2.setNumThreads(1)
-    head = ("| source | test frames | µm/px (calibrate) | WBC recall | WBC precision | platelet recall "
-            "| red cells found / boxed | leave-one-microscope-out: WBC recall / precision / platelet recall "
-            "| finder ms/frame |\n|---|---|---|---|---|---|---|---|---|")
+    head = ("| source | test frames | µm/px by calibrate (truth, error) | WBC recall | WBC precision "
+            "| platelet recall | red cells found / boxed "
+            "| leave-one-microscope-out: WBC recall / precision / platelet recall "
+            "| finder ms/frame | frames refused by the gate: default / site-fitted |\n"
+            "|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for source in args.sources:
         scale, s, note = run(source, args.frames_for_scale, FinderParams())
@@ -133,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         loo = None
         if scale is not None and held_out is not None:
             loo = score([f for f in frames(source) if f.split == "test"], scale, held_out)
-        lines.append(row(source, scale, s, loo, note))
+        truth, _cells = true_um_per_px(frames(source))
+        lines.append(row(source, scale, s, loo, note, truth, quality_rejections(source)))
         print(lines[-1], flush=True)
     machine = f"{MACHINE} ({platform.machine()}, {os.cpu_count()} CPUs, OpenCV {cv2.__version__}, one thread)"
     block = "\n".join(lines) + f"\n\nMeasured by `python -m engines.bench_finder` on a {machine}."
