@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = f"{MACHINE} ({platform.machine()}, {os.cpu_count()} CPUs, OpenCV {cv2.__version__}, one thread)"
     block = "\n".join(lines) + f"\n\nMeasured by `python -m engines.bench_finder` on a {machine}."
     if args.out:
-        write_block(Path(args.out), block)
+        write_block(Path(args.out), block, "<!-- bench:begin -->", "<!-- bench:end -->")
     return 0
 
 
