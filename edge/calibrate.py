@@ -278,8 +278,9 @@ class QualityFit:
 
 def fit_quality(frames: Sequence[np.ndarray], min_frames: int = 5) -> QualityFit:
     """Thresholds from frames of a normal smear at this microscope: each well outside the spread of
-    the good frames (half the 5th percentile of contrast and focus, half the dimmest background,
-    halfway from the palest cells to white), so every such frame passes and a degraded one does not."""
+    the good frames (0.4 x the lowest contrast, half the 5th-percentile focus, half the dimmest
+    background, halfway from the palest cells to white, twice the most clipped + 0.1), so every such frame
+    passes and a degraded one does not."""
     measures: list[Measures] = [measure(frame) for frame in frames]
     if len(measures) < min_frames:
         raise CalibrationError(f"need at least {min_frames} frames to fit the quality gate, got {len(measures)}")
@@ -290,14 +291,14 @@ def fit_quality(frames: Sequence[np.ndarray], min_frames: int = 5) -> QualityFit
     cells = np.array([m.cell_level for m in measures])
     if float(np.median(contrast)) < 0.03:
         raise CalibrationError("the frames show no cells (contrast too low): point the camera at a blood smear")
-    palest = float(np.percentile(cells, 99))
+    palest = float(cells.max())
     params = QualityParams(
         enabled=True,
         min_sharpness=0.0,
         min_brightness=round(max(20.0, 0.5 * float(np.percentile(background, 1))), 1),
         max_brightness=round(min(252.0, palest + 0.5 * (255.0 - palest)), 1),
-        max_clipped=round(float(np.clip(2 * np.percentile(clipped, 99) + 0.05, 0.05, 0.5)), 3),
-        min_contrast=round(max(0.02, 0.5 * float(np.percentile(contrast, 5))), 4),
+        max_clipped=round(float(np.clip(2 * clipped.max() + 0.1, 0.1, 0.6)), 3),
+        min_contrast=round(max(0.02, 0.4 * float(contrast.min())), 4),
         min_focus=round(0.5 * float(np.percentile(focus_values, 5)), 4),
     )
     return QualityFit(params, len(measures), float(np.median(background)), float(np.median(contrast)),
