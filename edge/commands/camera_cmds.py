@@ -117,7 +117,8 @@ def calibrate_site(args: argparse.Namespace) -> int:
     finder = fit_finder(frames, scale.um_per_px)
     print(finder.summary())
     if scale.confidence == "low":
-        print("note: scale confidence is low; give more frames (--frames 60) or check with a stage micrometer")
+        print(f"note: scale confidence is low; give more frames (--frames {2 * len(frames)}) or check once "
+              "with a stage micrometer (calibrate scale --stage-micrometer)")
     values: dict[str, dict[str, object]] = {
         "microscope": {"um_per_px": round(scale.um_per_px, 5)},
         "quality": {k: getattr(quality.params, k) for k in
