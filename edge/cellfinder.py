@@ -9,6 +9,7 @@ accuracy on BCCD: ``docs/cellfinder.md`` (``python -m engines.eval_finder``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -29,21 +30,21 @@ class FinderParams:
 
     work_um_per_px: float = 0.3  # resolution the finder works at (frames are downscaled to it, never up)
     background_percentile: float = 75.0  # pixels brighter (in green) than this percentile are background
-    nucleus_delta: float = 40.0  # stain above background that marks white-cell nucleus pixels
+    nucleus_delta: float = 28.0  # stain above background that marks white-cell nucleus pixels
     merge_um: float = 2.0  # closing diameter that joins the lobes of one nucleus
-    wbc_min_nucleus_um2: float = 15.0  # smallest stained area that counts as a white-cell nucleus
+    wbc_min_nucleus_um2: float = 10.0  # smallest stained area that counts as a white-cell nucleus
     wbc_min_part_um2: float = 4.0  # smallest stained fragment that may be joined to a nucleus
     lobe_gap_um: float = 3.0  # fragments this close (box to box) belong to one nucleus ...
     wbc_max_nucleus_um: float = 18.0  # ... as long as the joined nucleus is no wider than this
-    wbc_max_diameter_um: float = 22.0  # largest white cell (limits how far the cell body may grow)
-    cyto_delta: float = 12.0  # stain above background that marks white-cell cytoplasm
+    wbc_max_diameter_um: float = 16.0  # largest white cell (limits how far the cell body may grow)
+    cyto_delta: float = 10.0  # stain above background that marks white-cell cytoplasm
     wbc_min_grow: float = 1.15  # the cell box is at least the nucleus box times this, per side
     wbc_box_scale: float = 1.0  # final cell box = segmented cell box times this (palest rim of cytoplasm)
-    platelet_delta: float = 22.0  # stain above background that outlines a platelet
-    platelet_peak: float = 28.0  # ... and that its most stained pixel must reach
+    platelet_delta: float = 10.0  # stain above background that outlines a platelet
+    platelet_peak: float = 24.0  # ... and that its most stained pixel must reach
     platelet_min_um: float = 1.0  # platelet stained-blob equivalent diameter range
     platelet_max_um: float = 4.5
-    platelet_box_um: float = 2.8  # smallest platelet box side (the stained blob is its granulomere only)
+    platelet_box_um: float = 2.2  # smallest platelet box side (the stained blob is its granulomere only)
     platelet_box_grow: float = 1.2  # platelet box = stained blob box times this, if larger
     platelet_wbc_margin_um: float = 0.0  # blobs this close to a white-cell box are its granules, not platelets
     rbc_delta: float = 18.0  # green-channel darkening below background that marks red-cell pixels
@@ -51,6 +52,10 @@ class FinderParams:
     rbc_max_diameter_um: float = 10.0
     rbc_box_grow: float = 1.3  # red-cell box half side = distance-transform peak times this (the mask is eroded)
     find_rbc: bool = True  # red cells are only counted downstream; turn off to save ~1 ms a frame
+    stain_od: bool = True  # stain = optical density off the red-cell colour (any microscope); false = B - R
+    pink_rbc_max: float = 3.0  # red cells whose median B - R stays under this are "pink": platelets use B - R
+    platelet_br_delta: float = 22.0  # ... and then these B - R levels outline a platelet
+    platelet_br_peak: float = 28.0
 
 
 @dataclass(frozen=True)
@@ -121,13 +126,21 @@ def find_cells(image_bgr: np.ndarray, um_per_px: float, params: FinderParams = F
     small = cv2.GaussianBlur(small, (3, 3), 0)
     sx, sy = width / small_w, height / small_h  # frame pixels per working pixel
     px_um = um_per_px * (sx + sy) / 2  # micrometres per working pixel
-    blue, green, red = cv2.split(small)
+    green = small[:, :, 1]
+    bright = green >= np.percentile(green, min(100.0, params.background_percentile))
+    blue, _g, red = cv2.split(small)
     stain = cv2.subtract(blue, red, dtype=cv2.CV_16S)
     # background level of the stain: plasma between cells is the brightest part of a smear, so take
     # the median over the brightest pixels (the plain median drifts towards red cells in crowded frames)
-    bright = green >= np.percentile(green, min(100.0, params.background_percentile))
     stain_bg = float(np.median(stain[bright])) if bright.any() else float(np.median(stain))
-    excess = stain.astype(np.float32) - stain_bg
+    blue_minus_red = stain.astype(np.float32) - stain_bg
+    excess = _od_stain(small, bright) if params.stain_od else blue_minus_red
+    platelet_excess, platelet_params = excess, params
+    if params.stain_od and _pink_red_cells(blue_minus_red, green, params):
+        # faint platelets stand out better in B - R, which is safe where red cells are pink (not bluish)
+        platelet_excess = blue_minus_red
+        platelet_params = dataclasses.replace(params, platelet_delta=params.platelet_br_delta,
+                                              platelet_peak=params.platelet_br_peak)
 
     detections: list[Detection] = []
     nucleus = (excess > params.nucleus_delta).astype(np.uint8)
@@ -157,11 +170,52 @@ def find_cells(image_bgr: np.ndarray, um_per_px: float, params: FinderParams = F
         if clipped:
             detections.append(Detection("wbc", clipped, round(score, 4)))
 
-    detections.extend(_platelets(excess, wbc_boxes, px_um, (sx, sy), (width, height), params))
+    detections.extend(_platelets(platelet_excess, wbc_boxes, px_um, (sx, sy), (width, height), platelet_params))
 
     if params.find_rbc:
         detections.extend(_red_cells(green, nucleus, wbc_boxes, px_um, (sx, sy), (width, height), params))
     return detections
+
+
+def _pink_red_cells(blue_minus_red: np.ndarray, green: np.ndarray, params: FinderParams) -> bool:
+    """True when this frame's red cells are no bluer than the plasma (B - R stays low on them)."""
+    red_cells = green < np.percentile(green, 90) - params.rbc_delta
+    if not red_cells.any():
+        return False
+    return float(np.median(blue_minus_red[red_cells])) <= params.pink_rbc_max
+
+
+_LOG = np.log(np.arange(256, dtype=np.float32).clip(1, None))  # ln of each grey level (0 read as 1)
+RBC_OD_DIRECTION = np.array([0.46, 0.79, 0.40], np.float32)  # B, G, R optical density of a red cell (BCCD)
+
+
+def _od_stain(small: np.ndarray, bright: np.ndarray) -> np.ndarray:
+    """How much of each pixel's colour is *not* red-cell colour, in 1/100 optical-density units.
+
+    Optical density (OD = ln(background / pixel), per channel) is what a stain adds, whatever the lamp
+    and camera. A red cell's OD points in one direction (haemoglobin + eosin), thicker cells just
+    further along it; nuclei and platelets (azure / methylene blue) point elsewhere. So the length of
+    the OD left after removing the red-cell direction marks nuclei and platelets at any microscope,
+    even where red cells look bluish (Raabin) and blue minus red fails. The direction is measured per
+    frame (median direction of the absorbing pixels, mostly red cells); the background is the median
+    colour of the brightest pixels.
+    """
+    pixels = small.reshape(-1, 3)
+    plasma = pixels[bright.ravel()] if bright.any() else pixels
+    background = np.median(plasma[:: max(1, len(plasma) // 2000)], axis=0)  # ~2k pixels are plenty
+    od = np.log(np.maximum(background, 1.0)).astype(np.float32) - _LOG[small]
+    flat = od.reshape(-1, 3)
+    sample = flat[:: max(1, len(flat) // 4000)]
+    absorbing = sample[sample.sum(axis=1) > 0.3]
+    direction = RBC_OD_DIRECTION
+    if len(absorbing) >= 50:
+        unit = absorbing / np.linalg.norm(absorbing, axis=1, keepdims=True)
+        median = np.median(unit, axis=0)
+        if np.linalg.norm(median) > 0:
+            direction = (median / np.linalg.norm(median)).astype(np.float32)
+    along = flat @ direction
+    residual = flat - along[:, None] * direction[None, :]
+    return (np.sqrt((residual * residual).sum(axis=1)) * 100.0).reshape(small.shape[:2]).astype(np.float32)
 
 
 def _group_nuclei(stats: np.ndarray, px_um: float, params: FinderParams) -> list[list[int]]:

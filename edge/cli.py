@@ -143,15 +143,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flag(record)
     record.set_defaults(handler=_lazy("edge.commands.camera_cmds", "record"))
 
-    calibrate = commands.add_parser("calibrate", help="measure the microscope scale or a focus threshold")
+    calibrate = commands.add_parser("calibrate", help="measure the microscope scale, focus, exposure and finder")
     calibrate_commands = calibrate.add_subparsers(dest="calibrate_command", metavar="WHAT", required=True)
     for what, text in (
         ("scale", "µm per pixel from the median red-cell diameter"),
         ("focus", "focus threshold from the sharpness of good frames"),
+        ("site", "a new microscope in one go: scale, focus, exposure and finder, from its frames"),
     ):
         sub = calibrate_commands.add_parser(what, help=text)
-        sub.add_argument("--frames", type=int, default=10, help="frames to measure (default 10)")
+        default_frames = 30 if what == "site" else 10
+        sub.add_argument("--frames", type=int, default=default_frames,
+                         help=f"frames to measure (default {default_frames})")
         sub.add_argument("--write", action="store_true", help="write the result into the --config file")
+        if what == "site":
+            sub.add_argument("--from", dest="frames_from", metavar="PATH",
+                             help="recorded frames (folder, video or session) instead of the configured source")
         if what == "scale":
             sub.add_argument(
                 "--stage-micrometer",

@@ -99,6 +99,8 @@ RULES: dict[str, dict[str, Rule]] = {
         "min_brightness": Rule(NUMBER, "a grey level 0..255", lambda v: 0 <= v <= 255),
         "max_brightness": Rule(NUMBER, "a grey level 0..255", lambda v: 0 <= v <= 255),
         "max_clipped": Rule(NUMBER, "a fraction 0..1", _unit),
+        "min_contrast": Rule(NUMBER, "a fraction 0..1", _unit),
+        "min_focus": Rule(NUMBER, "a number >= 0 (0 = no focus check)", _non_negative),
     },
     "microscope": {
         "um_per_px": Rule(NUMBER, "micrometres per pixel, a number > 0 (typically 0.03..1)", _positive),

@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 
 from edge.cellfinder import Detection, FinderParams, find_cells
+from edge.fileutil import atomic_write_bytes
 
 BCCD_UM_PER_PX = 0.075
 VOC_KINDS = {"WBC": "wbc", "RBC": "rbc", "Platelets": "platelet"}
@@ -148,16 +149,16 @@ def table(rows: dict[str, Tally]) -> str:
     return "\n".join(lines)
 
 
-def write_block(path: Path, block: str) -> None:
+def write_block(path: Path, block: str, begin: str = BEGIN, end: str = END) -> None:
     """Replace the measured block of a Markdown file, keeping the hand-written text around it."""
     text = path.read_text() if path.is_file() else "# Cell finder\n"
-    new = f"{BEGIN}\n{block}\n{END}"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + new + rest.split(END, 1)[1]
+    new = f"{begin}\n{block}\n{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + new + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + new + "\n"
-    path.write_text(text)
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,32 +35,49 @@ def frames() -> list[np.ndarray]:
 
 
 def test_scale_from_red_cells_matches_the_bundled_frames(frames: list[np.ndarray]) -> None:
-    estimate = estimate_um_per_px(frames, current_um_per_px=0.075)
-    assert estimate.um_per_px == pytest.approx(0.075, rel=0.07)
-    assert estimate.count >= 100 and estimate.frames == 8
-    assert 80 < estimate.median_px < 115 and estimate.iqr_px > 0
-    assert "um_per_px = 0.07" in estimate.summary()
+    estimate = estimate_um_per_px(frames)
+    assert estimate.um_per_px == pytest.approx(0.072, rel=0.07)  # annotated red-cell boxes: 0.072
+    assert estimate.count >= 20 and estimate.frames == 8
+    assert 90 < estimate.median_px < 115 and estimate.iqr_px > 0
+    assert "um_per_px = 0.07" in estimate.summary() and "confidence" in estimate.summary()
 
 
-@pytest.mark.parametrize("start", [0.075, 0.2, 0.05])
-def test_scale_of_half_size_frames_is_found_from_a_wrong_start(frames: list[np.ndarray], start: float) -> None:
-    half = [cv2.resize(f, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA) for f in frames]
-    estimate = estimate_um_per_px(half, current_um_per_px=start)
-    assert estimate.um_per_px == pytest.approx(0.15, rel=0.07)
+@pytest.mark.parametrize("factor", [0.5, 0.7])
+def test_scale_of_smaller_frames_needs_no_starting_guess(frames: list[np.ndarray], factor: float) -> None:
+    """Another magnification: the same smear at a coarser scale gives a proportionally larger µm/px."""
+    small = [cv2.resize(f, None, fx=factor, fy=factor, interpolation=cv2.INTER_AREA) for f in frames]
+    estimate = estimate_um_per_px(small, current_um_per_px=0.5)
+    assert estimate.um_per_px == pytest.approx(0.072 / factor, rel=0.08)
 
 
-def test_scale_is_refused_without_enough_red_cells(frames: list[np.ndarray]) -> None:
+def test_pale_centred_cells_are_sized_whole() -> None:
+    """A ring with a pale centre counts as one cell of its outer size, not a small dark annulus."""
+    canvas = np.full((480, 640, 3), (200, 215, 225), np.uint8)
+    for row in range(4):
+        for col in range(6):
+            centre = (60 + col * 100, 70 + row * 110)
+            cv2.circle(canvas, centre, 35, (150, 140, 190), -1)
+            cv2.circle(canvas, centre, 15, (195, 210, 222), -1)  # central pallor almost as bright as plasma
+    estimate = estimate_um_per_px([canvas])
+    assert estimate.method == "isolated" and estimate.count == 24
+    assert estimate.median_px == pytest.approx(71 * 1.12, rel=0.05)
+
+
+def test_scale_is_refused_when_the_frames_cannot_tell(frames: list[np.ndarray]) -> None:
     blank = [np.full_like(frames[0], 190)] * 3
     with pytest.raises(CalibrationError, match=r"only 0 red cell\(s\) found in 3 frame\(s\)"):
-        estimate_um_per_px(blank, current_um_per_px=0.075)
+        estimate_um_per_px(blank)
     with pytest.raises(CalibrationError, match="no frames"):
-        estimate_um_per_px([], current_um_per_px=0.075)
+        estimate_um_per_px([])
+    noise = [np.random.default_rng(i).integers(0, 255, frames[0].shape, dtype=np.uint8) for i in range(3)]
+    with pytest.raises(CalibrationError):
+        estimate_um_per_px(noise)
 
 
 def test_focus_threshold_passes_good_frames_and_fails_soft_ones(frames: list[np.ndarray]) -> None:
     estimate = estimate_focus_threshold(frames)
     assert 0 < estimate.threshold < estimate.low  # every good frame is above it
-    params = QualityParams(min_sharpness=estimate.threshold)
+    params = QualityParams(min_focus=estimate.threshold)
     assert all(assess(f, params) is None for f in frames)
     soft = [cv2.GaussianBlur(f, (0, 0), 2) for f in frames]
     assert all((assess(f, params) or "").startswith("out of focus") for f in soft)

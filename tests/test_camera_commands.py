@@ -49,3 +49,32 @@ def test_record_then_replay_publishes_the_same_cells(tmp_path: Path, endpoint: s
         assert result.returncode == 0, result.stderr
         audits.append([json.loads(line)["cells"] for line in audit.read_text().splitlines()])
     assert audits[0] == audits[1]
+
+
+def test_calibrate_site_writes_scale_and_gate_in_one_go_and_keeps_comments(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("# bench 3\n[microscope]\num_per_px = 0.2  # guess\n")
+    result = run_cli("calibrate", "site", "--from", str(SAMPLES), "--frames", "20", "--config", str(config),
+                     "--write")
+    assert result.returncode == 0, result.stderr
+    assert "confidence" in result.stdout and "quality:" in result.stdout and "finder:" in result.stdout
+    loaded = cfg.load(config)
+    assert 0.065 < loaded["microscope"]["um_per_px"] < 0.08
+    assert loaded["quality"]["min_focus"] > 0 and loaded["quality"]["min_contrast"] > 0
+    assert "# guess" in config.read_text() and [p.name for p in tmp_path.iterdir()] == ["c.toml"]
+
+
+def test_calibrate_site_on_frames_without_cells_refuses_in_one_line(tmp_path: Path) -> None:
+    import cv2
+    import numpy as np
+
+    blank = tmp_path / "blank"
+    blank.mkdir()
+    for i in range(6):
+        cv2.imwrite(str(blank / f"{i}.png"), np.full((480, 640, 3), 200, np.uint8))
+    config = tmp_path / "c.toml"
+    config.write_text("[microscope]\num_per_px = 0.1\n")
+    result = run_cli("calibrate", "site", "--from", str(blank), "--frames", "6", "--config", str(config), "--write")
+    assert result.returncode == 1
+    assert "scale: only 0 red cell(s)" in result.stderr and "Traceback" not in result.stderr
+    assert config.read_text() == "[microscope]\num_per_px = 0.1\n"  # nothing written

@@ -1,4 +1,4 @@
-"""`cytoedge record` and `cytoedge calibrate scale|focus`: working with the configured camera."""
+"""`cytoedge record` and `cytoedge calibrate scale|focus|site`: working with the configured camera."""
 
 from __future__ import annotations
 
@@ -9,7 +9,15 @@ from pathlib import Path
 from types import FrameType
 
 from edge import config as cfg
-from edge.calibrate import estimate_focus_threshold, estimate_um_per_px, grab_frames, set_toml_value
+from edge.calibrate import (
+    CalibrationError,
+    estimate_focus_threshold,
+    estimate_um_per_px,
+    fit_quality,
+    grab_frames,
+    set_toml_value,
+    set_toml_values,
+)
 from edge.errors import ConfigError
 from edge.record import record as record_session
 from edge.sources import open_source
@@ -78,5 +86,49 @@ def calibrate_focus(args: argparse.Namespace) -> int:
     config = cfg.load(args.config)
     estimate = estimate_focus_threshold(_frames(config, args.frames))
     print(estimate.summary())
-    _write(args, "quality", "min_sharpness", round(estimate.threshold, 3))
+    _write(args, "quality", "min_focus", round(estimate.threshold, 4))
+    return 0
+
+
+def calibrate_site(args: argparse.Namespace) -> int:
+    """Scale, quality gate and finder from one set of frames; one atomic config write at the end."""
+    from edge.sitefit import fit_finder
+
+    config = cfg.load(args.config)
+    if args.write and not args.config:
+        raise ConfigError("--write needs --config FILE (the file to update)")
+    if args.frames < 5:
+        raise ConfigError("--frames must be at least 5")
+    if args.frames_from:
+        if not Path(args.frames_from).exists():
+            raise ConfigError(f"--from {args.frames_from}: no such file or folder")
+        config["source"] = {**config["source"], "kind": "replay", "path": args.frames_from, "pace": "max",
+                            "loop": False}
+    frames = grab_frames(open_source(config), args.frames, _stop_on_signals(), timeout_s=120.0,
+                         every=1 if args.frames_from else 3)
+    print(f"{len(frames)} frame(s) from {args.frames_from or config['source']['kind']}")
+    try:
+        scale = estimate_um_per_px(frames)
+    except CalibrationError as error:
+        raise CalibrationError(f"scale: {error}") from None
+    print(scale.summary())
+    quality = fit_quality(frames)
+    print(quality.summary())
+    finder = fit_finder(frames, scale.um_per_px)
+    print(finder.summary())
+    if scale.confidence == "low":
+        print(f"note: scale confidence is low; give more frames (--frames {2 * len(frames)}) or check once "
+              "with a stage micrometer (calibrate scale --stage-micrometer)")
+    values: dict[str, dict[str, object]] = {
+        "microscope": {"um_per_px": round(scale.um_per_px, 5)},
+        "quality": {k: getattr(quality.params, k) for k in
+                    ("min_sharpness", "min_brightness", "max_brightness", "max_clipped", "min_contrast", "min_focus")},
+    }
+    if finder.changed():
+        values["finder"] = finder.changed()
+    if args.write:
+        set_toml_values(args.config, values)
+        print(f"wrote {', '.join(f'{s}.{k}' for s, keys in values.items() for k in keys)} to {args.config}")
+    else:
+        print("(nothing written: add --write --config FILE to store these)")
     return 0

@@ -9,6 +9,7 @@ from collections import Counter
 from typing import Any, TextIO
 
 from edge.client import Subscriber
+from edge.drift import ALARM_TEXT
 from edge.messages import TOPIC_CELLS, TOPIC_STATUS
 from edge.security import client_keys_from_flags
 
@@ -22,9 +23,13 @@ class Differential:
         self.red = 0
         self.review = 0
         self.frames = 0
+        self.domain_alarm = False
+        self.domain_checked = True
 
     def add(self, cells_message: dict[str, Any]) -> None:
         self.frames += 1
+        self.domain_alarm = bool(cells_message.get("domain_alarm", False))
+        self.domain_checked = bool(cells_message.get("domain_checked", True))
         for cell in cells_message["cells"]:
             if not cell.get("first_seen", True):
                 continue  # the same cell, still in view: counted when first seen
@@ -36,9 +41,22 @@ class Differential:
                 self.red += 1
             self.review += bool(cell["review"])
 
-    def render(self, status: dict[str, Any] | None) -> str:
+    def banner(self) -> str:
+        """The domain state, first line of the screen: the one thing that says whether to trust the rest."""
+        if self.domain_alarm:
+            return f"!! DOMAIN ALARM: {ALARM_TEXT}; every cell goes to review"
+        if not self.domain_checked:
+            return ("CHECKING: the first white cells are being compared with the model's training data; "
+                    "every cell goes to review until they look familiar")
+        return "domain: checked, cells look like the training data"
+
+    def render(self, status: dict[str, Any] | None, colour: bool = False) -> str:
         total = sum(self.white.values())
+        banner = self.banner()
+        if colour and (self.domain_alarm or not self.domain_checked):
+            banner = ("\x1b[1;41;97m" if self.domain_alarm else "\x1b[1;43;30m") + banner + "\x1b[0m"
         lines = [
+            banner,
             f"white cells: {total}   platelets: {self.platelets}   red cells: {self.red}   "
             f"to review: {self.review}   frames: {self.frames}"
         ]
@@ -51,7 +69,7 @@ class Differential:
                 f" p99 {latency.get('p99', 0):.1f} ms, dropped {status['frames'].get('dropped', 0)},"
                 f" model {status['model']}"
             )
-            lines.extend(f"  warning: {w}" for w in status.get("warnings", [])[:5])
+            lines.extend(f"  warning: {w}" for w in status.get("warnings", [])[:5] if w != ALARM_TEXT)
         return "\n".join(lines)
 
 
@@ -82,7 +100,7 @@ def main(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
             final = bool(status and status.get("final"))
             if final or now - last_draw >= 0.5:
                 last_draw = now
-                text = differential.render(status)
+                text = differential.render(status, colour=interactive)
                 out.write(("\x1b[H\x1b[J" + text + "\n") if interactive else text + "\n\n")
                 out.flush()
             if final and args.exit_on_end:

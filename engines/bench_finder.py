@@ -1,0 +1,168 @@
+"""Cell finder benchmark per microscope, at the scale ``calibrate`` estimates (not the true one).
+
+    python -m engines.bench_finder [--out docs/cellfinder.md] [--frames-for-scale 60]
+
+For each source (TXL-PBC's bccd, bcd, raabin; BCCD's own VOC boxes) the steps a new site takes:
+estimate µm/px from unlabelled val+test frames (``edge.calibrate.estimate_um_per_px``), fit the
+fit the finder to them (``edge.sitefit.fit_finder``), then find cells on the test frames and match them to the boxes at
+IoU >= 0.5. The leave-one-microscope-out column uses finder parameters tuned on the train frames of
+the *other* microscopes only (engines/finder_loo/, from ``engines.tune_finder --leave-out``).
+Red-cell count: found / boxed on the test frames (TXL-PBC boxes every red cell; BCCD's VOC boxes
+do not, so there it only shows the finder finds more).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from edge.calibrate import CalibrationError, estimate_um_per_px, fit_quality
+from edge.cellfinder import FinderParams, find_cells
+from edge.quality import assess
+from edge.sitefit import fit_finder
+from engines.eval_finder import match, write_block
+from engines.eval_scale import true_um_per_px
+from engines.finder_data import SOURCES, Frame, available, frames
+
+MACHINE = "2-core x86_64 VM, no GPU"
+
+
+@dataclass
+class Score:
+    tp: dict[str, int] = field(default_factory=lambda: {"wbc": 0, "platelet": 0, "rbc": 0})
+    found: dict[str, int] = field(default_factory=lambda: {"wbc": 0, "platelet": 0, "rbc": 0})
+    truth: dict[str, int] = field(default_factory=lambda: {"wbc": 0, "platelet": 0, "rbc": 0})
+    frames: int = 0
+    ms: list[float] = field(default_factory=list)
+
+    def recall(self, kind: str) -> float:
+        return self.tp[kind] / self.truth[kind] if self.truth[kind] else float("nan")
+
+    def precision(self, kind: str) -> float:
+        return self.tp[kind] / self.found[kind] if self.found[kind] else float("nan")
+
+    def count_ratio(self, kind: str) -> float:
+        return self.found[kind] / self.truth[kind] if self.truth[kind] else float("nan")
+
+
+def score(test: list[Frame], um_per_px: float, params: FinderParams) -> Score:
+    total = Score()
+    for frame in test:
+        image = cv2.imread(str(frame.image))
+        if image is None:
+            continue
+        truth = frame.boxes((image.shape[1], image.shape[0]))
+        start = time.perf_counter()
+        found = find_cells(image, um_per_px, params)
+        total.ms.append((time.perf_counter() - start) * 1000)
+        total.frames += 1
+        for kind in total.tp:
+            mine = [d for d in found if d.kind == kind]
+            total.tp[kind] += match(mine, truth[kind])
+            total.found[kind] += len(mine)
+            total.truth[kind] += len(truth[kind])
+    return total
+
+
+def site_frames(source: str, n: int) -> list[np.ndarray]:
+    """Unlabelled frames a site would calibrate on: val+test (never train), labels unused."""
+    picked = [f for f in frames(source) if f.split != "train"][:n]
+    return [img for img in (cv2.imread(str(f.image)) for f in picked) if img is not None]
+
+
+def quality_rejections(source: str, n_fit: int = 60) -> tuple[int, int, int]:
+    """Frames of this source refused by the default gate and by the gate fitted to its val+test
+    frames (as ``calibrate site`` would), and how many frames there are."""
+    fitted = fit_quality(site_frames(source, n_fit)).params
+    default = refused = total = 0
+    for frame in frames(source):
+        image = cv2.imread(str(frame.image))
+        if image is None:
+            continue
+        total += 1
+        default += assess(image) is not None
+        refused += assess(image, fitted) is not None
+    return default, refused, total
+
+
+def run(source: str, n_scale: int, params: FinderParams) -> tuple[float | None, Score | None, str]:
+    unlabelled = site_frames(source, n_scale)
+    try:
+        scale = estimate_um_per_px(unlabelled).um_per_px
+    except CalibrationError as error:
+        return None, None, str(error)
+    fitted = fit_finder(unlabelled, scale, params).params  # what `calibrate site` would write
+    test = [f for f in frames(source) if f.split == "test"]
+    return scale, score(test, scale, fitted), ""
+
+
+MICROSCOPE = {"bccd": "BCCD", "bccd-voc": "BCCD", "bcd": "BCD", "raabin": "Raabin"}
+LOO_DIR = Path(__file__).resolve().parent / "finder_loo"
+
+
+def loo_params(source: str) -> FinderParams | None:
+    """Finder parameters tuned without this source's microscope (engines.tune_finder --leave-out)."""
+    path = LOO_DIR / f"without-{MICROSCOPE[source]}.json"
+    if not path.is_file():
+        return None
+    return FinderParams(**json.loads(path.read_text())["params"])
+
+
+def row(source: str, scale: float | None, s: Score | None, loo: Score | None, note: str, truth: float,
+        rejected: tuple[int, int, int]) -> str:
+    gate = f"{rejected[0]} / {rejected[1]} of {rejected[2]}"
+    if s is None or scale is None:
+        return f"| {source} | — | refused: {note} | | | | | | | {gate} |"
+    held_out = "—" if loo is None else (f"{loo.recall('wbc'):.3f} / {loo.precision('wbc'):.3f} / "
+                                        f"{loo.recall('platelet'):.3f}")
+    return (f"| {source} | {s.frames} | {scale:.4f} ({truth:.4f}, {scale / truth - 1:+.1%}) "
+            f"| {s.recall('wbc'):.3f} ({s.tp['wbc']}/{s.truth['wbc']}) "
+            f"| {s.precision('wbc'):.3f} ({s.tp['wbc']}/{s.found['wbc']}) "
+            f"| {s.recall('platelet'):.3f} ({s.tp['platelet']}/{s.truth['platelet']}) "
+            f"| {s.count_ratio('rbc'):.2f} ({s.found['rbc']}/{s.truth['rbc']}) "
+            f"| {held_out} | {np.mean(s.ms):.1f} | {gate} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", help="Markdown file whose eval block is replaced with the table")
+    parser.add_argument("--frames-for-scale", type=int, default=60)
+    parser.add_argument("--sources", nargs="*", default=list(SOURCES), choices=SOURCES)
+    args = parser.parse_args(argv)
+    if not available():
+        print("the shared data (../shared/data: txl-pbc, bccd) is not here", file=sys.stderr)
+        return 2
+    cv2.setNumThreads(1)
+    head = ("| source | test frames | µm/px by calibrate (truth, error) | WBC recall | WBC precision "
+            "| platelet recall | red cells found / boxed "
+            "| leave-one-microscope-out: WBC recall / precision / platelet recall "
+            "| finder ms/frame | frames refused by the gate: default / site-fitted |\n"
+            "|---|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for source in args.sources:
+        scale, s, note = run(source, args.frames_for_scale, FinderParams())
+        held_out = loo_params(source)
+        loo = None
+        if scale is not None and held_out is not None:
+            loo = score([f for f in frames(source) if f.split == "test"], scale, held_out)
+        truth, _cells = true_um_per_px(frames(source))
+        lines.append(row(source, scale, s, loo, note, truth, quality_rejections(source)))
+        print(lines[-1], flush=True)
+    machine = f"{MACHINE} ({platform.machine()}, {os.cpu_count()} CPUs, OpenCV {cv2.__version__}, one thread)"
+    block = "\n".join(lines) + f"\n\nMeasured by `python -m engines.bench_finder` on a {machine}."
+    if args.out:
+        write_block(Path(args.out), block, "<!-- bench:begin -->", "<!-- bench:end -->")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
