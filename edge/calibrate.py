@@ -32,7 +32,7 @@ MIN_CELL_WORK_PX = 16  # smallest red cell sized, on the sizing copy (1/25 of th
 SIZING_WIDTH = 400  # red cells are sized on a copy this many pixels on its longest side (fast, scale-free)
 # A box drawn around a red cell (the truth the estimate is checked against) is this much wider than the
 # dark, Otsu-segmented body: the pale rim falls outside the threshold. Fitted once on the train+val
-# frames of BCCD and TXL-PBC (python -m engines.eval_scale --fit: 1.08..1.14 per source).
+# frames of BCCD and TXL-PBC (python -m engines.finder.scale --fit: 1.08..1.14 per source).
 RIM_FACTOR = 1.12
 # In clumps a cell's size is twice its distance-transform peak; overlaps lower some peaks, so the
 # 70th percentile is taken and scaled to box size (fitted on train frames: 1.16..1.22 per source).

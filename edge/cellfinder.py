@@ -4,7 +4,7 @@ No training: white-cell nuclei and platelets take up the purple/blue stain, so b
 is high on them, near zero on the background and negative on red cells. Everything is done on a
 copy of the frame scaled to a fixed working resolution (``work_um_per_px``), and every size is
 given in micrometres, so the same parameters work at any microscope scale. Method and measured
-accuracy on BCCD: ``docs/cellfinder.md`` (``python -m engines.eval_finder``).
+accuracy on BCCD: ``docs/cellfinder.md`` (``python -m engines.finder.bccd``).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import pytest
 
 from edge.cellfinder import Detection, FinderParams, find_cells
 from edge.crops import background_colour, cut_crops
-from engines import eval_finder
+from engines.finder import bccd as eval_finder
 from tests.conftest import SAMPLES
 
 UM_PER_PX = 0.075  # bundled BCCD frames

@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 
 from edge.cellfinder import FinderParams
-from engines.bench_finder import run
-from engines.eval_scale import evaluate
-from engines.finder_data import SOURCES, available
+from engines.finder.bench import run
+from engines.finder.data import SOURCES, available
+from engines.finder.scale import evaluate
 
 pytestmark = pytest.mark.skipif(not available(), reason="../shared/data (txl-pbc, bccd) is not here")
 

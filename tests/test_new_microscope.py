@@ -15,7 +15,7 @@ from edge.cellfinder import find_cells
 from edge.frames import read_image
 from edge.quality import assess, measure
 from edge.sitefit import fit_finder
-from engines.eval_finder import match, read_voc
+from engines.finder.bccd import match, read_voc
 from tests.conftest import SAMPLES
 
 

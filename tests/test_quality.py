@@ -14,8 +14,8 @@ from edge.calibrate import fit_quality
 from edge.cellfinder import find_cells
 from edge.frames import read_image
 from edge.quality import QualityParams, assess, measure, no_cells
-from engines.finder_data import SOURCES, available
-from engines.finder_data import frames as source_frames
+from engines.finder.data import SOURCES, available
+from engines.finder.data import frames as source_frames
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "bccd"
 needs_shared = pytest.mark.skipif(not available(), reason="../shared/data (txl-pbc, bccd) is not here")

@@ -1,6 +1,6 @@
 """Measure the cell finder (`edge.cellfinder.find_cells`) against BCCD's Pascal VOC boxes.
 
-    python -m engines.eval_finder [--bccd DIR] [--out docs/cellfinder.md]
+    python -m engines.finder.bccd [--bccd DIR] [--out docs/cellfinder.md]
 
 Greedy matching per class at IoU >= 0.5 (detections in score order, each takes the unmatched
 ground-truth box it overlaps most). Red cells are under-annotated in BCCD, so only their recall
@@ -35,7 +35,7 @@ Box = tuple[int, int, int, int]
 
 
 def default_bccd() -> Path:
-    shared = Path(os.environ.get("CYTOEDGE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    shared = Path(os.environ.get("CYTOEDGE_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
     return shared / "bccd" / "BCCD"
 
 
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         rows["test"] = tally(r for n, r in results.items() if n in test)
     text = table(rows)
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, OpenCV {cv2.__version__}, one thread"
-    block = f"{text}\n\nMeasured by `python -m engines.eval_finder` ({machine}), default `FinderParams`."
+    block = f"{text}\n\nMeasured by `python -m engines.finder.bccd` ({machine}), default `FinderParams`."
     print(block)
     if args.misses:
         for r in results.values():

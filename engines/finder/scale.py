@@ -1,6 +1,6 @@
 """Scale calibration against the annotated red cells of every shared source.
 
-    python -m engines.eval_scale [--frames 30]
+    python -m engines.finder.scale [--frames 30]
 
 Truth: 7.5 µm over the median of (w + h) / 2 of the annotated red-cell boxes that lie wholly inside
 the frame, on all frames of the source (the same 7.5 µm convention the estimate uses, so the comparison
@@ -29,7 +29,7 @@ from edge.calibrate import (
     estimate_um_per_px,
     red_cell_sizes,
 )
-from engines.finder_data import SOURCES, Frame, available, frames, shared_data
+from engines.finder.data import SOURCES, Frame, available, frames, shared_data
 
 
 def true_um_per_px(train: list[Frame]) -> tuple[float, int]:

@@ -1,12 +1,12 @@
 """Cell finder benchmark per microscope, at the scale ``calibrate`` estimates (not the true one).
 
-    python -m engines.bench_finder [--out docs/cellfinder.md] [--frames-for-scale 60]
+    python -m engines.finder.bench [--out docs/cellfinder.md] [--frames-for-scale 60]
 
 For each source (TXL-PBC's bccd, bcd, raabin; BCCD's own VOC boxes) the steps a new site takes:
 estimate µm/px from unlabelled val+test frames (``edge.calibrate.estimate_um_per_px``), fit the
 fit the finder to them (``edge.sitefit.fit_finder``), then find cells on the test frames and match them to the boxes at
 IoU >= 0.5. The leave-one-microscope-out column uses finder parameters tuned on the train frames of
-the *other* microscopes only (engines/finder_loo/, from ``engines.tune_finder --leave-out``).
+the *other* microscopes only (engines/finder/loo/, from ``engines.finder.tune --leave-out``).
 Red-cell count: found / boxed on the test frames (TXL-PBC boxes every red cell; BCCD's VOC boxes
 do not, so there it only shows the finder finds more).
 """
@@ -29,9 +29,9 @@ from edge.calibrate import CalibrationError, estimate_um_per_px, fit_quality
 from edge.cellfinder import FinderParams, find_cells
 from edge.quality import assess
 from edge.sitefit import fit_finder
-from engines.eval_finder import match, write_block
-from engines.eval_scale import true_um_per_px
-from engines.finder_data import SOURCES, Frame, available, frames
+from engines.finder.bccd import match, write_block
+from engines.finder.data import SOURCES, Frame, available, frames
+from engines.finder.scale import true_um_per_px
 
 MACHINE = "2-core x86_64 VM, no GPU"
 
@@ -106,11 +106,11 @@ def run(source: str, n_scale: int, params: FinderParams) -> tuple[float | None, 
 
 
 MICROSCOPE = {"bccd": "BCCD", "bccd-voc": "BCCD", "bcd": "BCD", "raabin": "Raabin"}
-LOO_DIR = Path(__file__).resolve().parent / "finder_loo"
+LOO_DIR = Path(__file__).resolve().parent / "loo"
 
 
 def loo_params(source: str) -> FinderParams | None:
-    """Finder parameters tuned without this source's microscope (engines.tune_finder --leave-out)."""
+    """Finder parameters tuned without this source's microscope (engines.finder.tune --leave-out)."""
     path = LOO_DIR / f"without-{MICROSCOPE[source]}.json"
     if not path.is_file():
         return None
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(row(source, scale, s, loo, note, truth, quality_rejections(source)))
         print(lines[-1], flush=True)
     machine = f"{MACHINE} ({platform.machine()}, {os.cpu_count()} CPUs, OpenCV {cv2.__version__}, one thread)"
-    block = "\n".join(lines) + f"\n\nMeasured by `python -m engines.bench_finder` on a {machine}."
+    block = "\n".join(lines) + f"\n\nMeasured by `python -m engines.finder.bench` on a {machine}."
     if args.out:
         write_block(Path(args.out), block, "<!-- bench:begin -->", "<!-- bench:end -->")
     return 0

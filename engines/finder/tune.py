@@ -1,6 +1,6 @@
 """Choose the finder's defaults on the *train* frames of the shared microscopes (never test).
 
-    python -m engines.tune_finder [--leave-out SOURCE] [--frames 40]
+    python -m engines.finder.tune [--leave-out SOURCE] [--frames 40]
 
 Coordinate search over the stain and size thresholds, maximising the mean over microscopes of
 white-cell F1 plus half the platelet F2 (recall-weighted), at the scale ``calibrate`` estimates for each. With
@@ -21,9 +21,9 @@ import numpy as np
 from edge.calibrate import estimate_um_per_px
 from edge.cellfinder import FinderParams, find_cells
 from edge.fileutil import atomic_write_bytes
-from engines.bench_finder import site_frames
-from engines.eval_finder import match
-from engines.finder_data import SOURCES, available, frames
+from engines.finder.bccd import match
+from engines.finder.bench import site_frames
+from engines.finder.data import SOURCES, available, frames
 
 MICROSCOPES = {"bccd": "BCCD", "bccd-voc": "BCCD", "bcd": "BCD", "raabin": "Raabin"}
 GRID = {

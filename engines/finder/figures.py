@@ -1,6 +1,6 @@
 """The before/after pictures of docs/new-microscope.md, from a Raabin frame (TXL-PBC test split).
 
-    python -m engines.newscope_figures [--out docs/img]
+    python -m engines.finder.figures [--out docs/img]
 
 "Before": the finder as shipped before issue 14 (blue-minus-red stain, BCCD-tuned thresholds) at the
 scale the old calibration gave for these frames (0.0848 µm/px). "After": `calibrate site` on the
@@ -20,8 +20,8 @@ import numpy as np
 from edge.calibrate import estimate_um_per_px
 from edge.cellfinder import FinderParams, find_cells
 from edge.fileutil import atomic_write_bytes
-from engines.bench_finder import site_frames
-from engines.finder_data import available, frames
+from engines.finder.bench import site_frames
+from engines.finder.data import available, frames
 
 BEFORE = FinderParams(stain_od=False, nucleus_delta=40.0, wbc_min_nucleus_um2=15.0, cyto_delta=12.0,
                       platelet_delta=22.0, platelet_peak=28.0, platelet_box_um=2.8, wbc_max_diameter_um=22.0)

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from engines.eval_finder import read_voc
+from engines.finder.bccd import read_voc
 
 Box = tuple[int, int, int, int]
 SOURCES = ("bccd", "bcd", "raabin", "bccd-voc")
@@ -19,7 +19,7 @@ KIND_OF_YOLO = {"0": "wbc", "1": "rbc", "2": "platelet"}
 
 
 def shared_data() -> Path:
-    default = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+    default = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
     return Path(os.environ.get("CYTOEDGE_SHARED_DATA", default)).resolve()
 
 
