@@ -127,7 +127,7 @@ def status_payload(
     source_state: str,
     source: str,
     fps: float,
-    frames: dict[str, int],
+    frames: dict[str, Any],
     latency_ms: dict[str, dict[str, float]],
     queue_depth: int,
     model: str,
@@ -135,7 +135,8 @@ def status_payload(
     warnings: list[str],
     final: bool,
 ) -> dict[str, Any]:
-    """The `status` payload; ``frames``: read, published, dropped, skipped, rejected, errors."""
+    """The `status` payload; ``frames``: read, published, dropped, skipped, rejected, rejected_by_reason
+    (a map of rejection kind to count), errors."""
     return {
         "state": state,
         "source_state": source_state,
@@ -149,6 +150,25 @@ def status_payload(
         "warnings": warnings,
         "final": final,
     }
+
+
+def rejected_by_reason(status: dict[str, Any]) -> dict[str, int]:
+    """A status's rejected-frame counts per kind, most frequent first; {} when absent or malformed.
+
+    Optional within schema 1 (older publishers do not send it), so a reader takes what is well formed
+    rather than refusing the whole status over it.
+    """
+    frames = status.get("frames")
+    counts = frames.get("rejected_by_reason") if isinstance(frames, dict) else None
+    if not isinstance(counts, dict):
+        return {}
+    valid = {str(kind): count for kind, count in counts.items() if _is_int(count) and count > 0}
+    return dict(sorted(valid.items(), key=lambda item: (-item[1], item[0])))
+
+
+def rejections_text(status: dict[str, Any]) -> str:
+    """One short line for a person: "out_of_focus 12, too_dark 3" ("" when nothing was rejected)."""
+    return ", ".join(f"{kind} {count}" for kind, count in rejected_by_reason(status).items())
 
 
 def encode(payload: dict[str, Any]) -> bytes:

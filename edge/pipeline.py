@@ -45,7 +45,7 @@ from edge.messages import (
     thumb_payload,
 )
 from edge.publisher import Publisher
-from edge.quality import QualityParams, assess, no_cells
+from edge.quality import QualityParams, Rejection, check, check_cells
 from edge.stats import LatencyWindow, RateMeter
 from edge.tracker import CellTracker
 
@@ -119,7 +119,7 @@ class Found:
     crops: np.ndarray | None = None  # the classified cells' crops, in cell order
     cut_for: tuple[float, int] = (0.0, 0)  # (field_um, input_size) of the model they were cut for
     truncated: int = 0  # classified-kind cells over the per-frame cap, left out
-    rejection: str | None = None  # the quality gate's reason
+    rejection: Rejection | None = None  # the quality gate's reason
     failed: bool = False
     queue_ms: float = 0.0
     gate_ms: float = 0.0
@@ -149,6 +149,8 @@ class Counters:
     truncated_cells: int = 0
     rejected: int = 0
     last_rejection: str = ""
+    # Rejected frames per Rejection.kind: the last reason alone hides a gate that refuses for two reasons.
+    rejected_by_reason: dict[str, int] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
 
@@ -330,12 +332,12 @@ class Pipeline:
         meta = self.classifier.metadata
         started = time.monotonic()
         found = Found(frame, queue_ms=(started - frame.read_at) * 1000.0)
-        problem = assess(frame.image, settings.quality)
+        problem = check(frame.image, settings.quality)
         gated = time.monotonic()
         found.gate_ms = (gated - started) * 1000.0
         if problem is None:
             detections = find_cells(frame.image, settings.um_per_px, settings.finder)
-            problem = no_cells(detections) if settings.quality.enabled else None
+            problem = check_cells(detections) if settings.quality.enabled else None
         detected = time.monotonic()
         found.finder_ms = (detected - gated) * 1000.0
         if problem is not None:
@@ -384,7 +386,9 @@ class Pipeline:
                 continue
             if found.rejection is not None:
                 self.counters.rejected += 1
-                self.counters.last_rejection = found.rejection
+                self.counters.last_rejection = found.rejection.text
+                by_reason = self.counters.rejected_by_reason
+                by_reason[found.rejection.kind] = by_reason.get(found.rejection.kind, 0) + 1
                 self._progress()
                 messages.append(None)
                 continue
@@ -561,6 +565,7 @@ class Pipeline:
                 "dropped": self.queue.dropped,
                 "skipped": source_stats.skipped,
                 "rejected": self.counters.rejected,
+                "rejected_by_reason": dict(sorted(self.counters.rejected_by_reason.items())),
                 "errors": self.counters.errors,
             },
             latency_ms=self.latency.summary(),

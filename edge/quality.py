@@ -115,8 +115,30 @@ def focus(image_bgr: np.ndarray) -> float:
     return measure(image_bgr).focus
 
 
-def assess(image_bgr: np.ndarray, params: QualityParams = QualityParams()) -> str | None:
-    """None when the frame is usable, else a short reason for status and logs.
+# Stable keys for why a frame was refused: status counts rejected frames by these (the text of a
+# reason carries the measured numbers and changes from frame to frame; these never do).
+TOO_DARK = "too_dark"
+OVER_EXPOSED = "over_exposed"
+NO_CONTRAST = "no_contrast"
+CLIPPED_COLOUR = "clipped_colour"
+OUT_OF_FOCUS = "out_of_focus"
+NO_CELLS = "no_cells"
+REJECTION_KINDS = (TOO_DARK, OVER_EXPOSED, NO_CONTRAST, CLIPPED_COLOUR, OUT_OF_FOCUS, NO_CELLS)
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Why a frame was refused: ``kind`` (one of REJECTION_KINDS) to count by, ``text`` for a person."""
+
+    kind: str
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def check(image_bgr: np.ndarray, params: QualityParams = QualityParams()) -> Rejection | None:
+    """None when the frame is usable, else why not (a stable kind and a short text with the numbers).
 
     Exposure is checked before focus: a black or white frame has no edges, and "too dark" is the
     reason a person at the microscope can act on.
@@ -125,22 +147,38 @@ def assess(image_bgr: np.ndarray, params: QualityParams = QualityParams()) -> st
         return None
     m = measure(image_bgr)
     if m.brightness < params.min_brightness:
-        return f"too dark (background {m.brightness:.0f} < {params.min_brightness:g})"
+        return Rejection(TOO_DARK, f"too dark (background {m.brightness:.0f} < {params.min_brightness:g})")
     if m.contrast < params.min_contrast:
         if m.brightness >= CLIP_HIGH:
-            return f"over-exposed: cells washed out (contrast {m.contrast:.2f} < {params.min_contrast:g})"
-        return f"no contrast: empty field or no smear (contrast {m.contrast:.2f} < {params.min_contrast:g})"
+            return Rejection(OVER_EXPOSED, f"over-exposed: cells washed out (contrast {m.contrast:.2f} < "
+                                           f"{params.min_contrast:g})")
+        return Rejection(NO_CONTRAST, f"no contrast: empty field or no smear (contrast {m.contrast:.2f} < "
+                                      f"{params.min_contrast:g})")
     if m.cell_level > params.max_brightness:
-        return f"over-exposed: cells washed out (cell level {m.cell_level:.0f} > {params.max_brightness:g})"
+        return Rejection(OVER_EXPOSED, f"over-exposed: cells washed out (cell level {m.cell_level:.0f} > "
+                                       f"{params.max_brightness:g})")
     if m.clipped > params.max_clipped:
-        return f"clipped colour on the cells ({m.clipped:.0%} of cell pixels > {params.max_clipped:.0%})"
+        return Rejection(CLIPPED_COLOUR, f"clipped colour on the cells ({m.clipped:.0%} of cell pixels > "
+                                         f"{params.max_clipped:.0%})")
     if params.min_focus > 0 and m.focus < params.min_focus:
-        return f"out of focus (focus {m.focus:.2f} < {params.min_focus:g})"
+        return Rejection(OUT_OF_FOCUS, f"out of focus (focus {m.focus:.2f} < {params.min_focus:g})")
     if params.min_sharpness > 0 and m.sharpness < params.min_sharpness:
-        return f"out of focus (sharpness {m.sharpness:.1f} < {params.min_sharpness:g})"
+        return Rejection(OUT_OF_FOCUS, f"out of focus (sharpness {m.sharpness:.1f} < {params.min_sharpness:g})")
     return None
 
 
+def assess(image_bgr: np.ndarray, params: QualityParams = QualityParams()) -> str | None:
+    """None when the frame is usable, else the short reason for status and logs (``check``'s text)."""
+    rejection = check(image_bgr, params)
+    return None if rejection is None else rejection.text
+
+
+def check_cells(detections: Sequence[object]) -> Rejection | None:
+    """The rejection when the cell finder found nothing (empty field, wrong slide area)."""
+    return None if len(detections) else Rejection(NO_CELLS, "no cells found")
+
+
 def no_cells(detections: Sequence[object]) -> str | None:
-    """The reason to report when the cell finder found nothing (empty field, wrong slide area)."""
-    return None if len(detections) else "no cells found"
+    """The reason to report when the cell finder found nothing (``check_cells``'s text)."""
+    rejection = check_cells(detections)
+    return None if rejection is None else rejection.text

@@ -355,6 +355,17 @@ def test_status_fills_the_health_panel_and_the_latest_cells_set_the_domain_alarm
     assert display.snapshot()["health"]["domain_alarm"] is False
 
 
+def test_health_shows_rejected_frames_by_reason_most_frequent_first(display: DisplayState) -> None:
+    frames = {"read": 20, "published": 4, "dropped": 0, "skipped": 0, "rejected": 16,
+              "rejected_by_reason": {"no_cells": 1, "out_of_focus": 12, "too_dark": 3}}
+    display.handle(TOPIC_STATUS, status_message(frames=frames))
+    health = display.snapshot()["health"]
+    assert health["rejected"] == 16
+    assert list(health["rejected_by_reason"].items()) == [("out_of_focus", 12), ("too_dark", 3), ("no_cells", 1)]
+    display.handle(TOPIC_STATUS, status_message())  # an older publisher: no breakdown, still a valid status
+    assert json.loads(json.dumps(display.snapshot()))["health"]["rejected_by_reason"] == {}  # as the page gets it
+
+
 def test_health_shows_when_the_alarm_has_not_yet_judged_the_first_cells(display: DisplayState) -> None:
     message = cells_message(0, [cell(0, "wbc", "neutrophil", review=True)])
     message["domain_checked"] = False

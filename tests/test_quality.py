@@ -13,7 +13,18 @@ import pytest
 from edge.calibrate import fit_quality
 from edge.cellfinder import find_cells
 from edge.frames import read_image
-from edge.quality import QualityParams, assess, measure, no_cells
+from edge.quality import (
+    NO_CELLS,
+    OUT_OF_FOCUS,
+    REJECTION_KINDS,
+    TOO_DARK,
+    QualityParams,
+    assess,
+    check,
+    check_cells,
+    measure,
+    no_cells,
+)
 from engines.finder.data import SOURCES, available
 from engines.finder.data import frames as source_frames
 
@@ -52,6 +63,22 @@ def test_degraded_frames_are_each_refused_with_their_reason(frames: list[np.ndar
     }
     for reason, image in degraded.items():
         assert (assess(image, site) or "").startswith(reason), (reason, assess(image, site))
+
+
+def test_each_refusal_has_a_stable_kind_while_its_text_carries_the_numbers(
+        frames: list[np.ndarray], site: QualityParams) -> None:
+    """Status counts refusals by kind: two dark frames give two texts but one kind, the text assess gives."""
+    frame = frames[0]
+    darker, dark = (frame * 0.1).astype(np.uint8), (frame * 0.3).astype(np.uint8)
+    rejections = [check(image, site) for image in (darker, dark, cv2.GaussianBlur(frame, (0, 0), 2))]
+    assert [r.kind if r else None for r in rejections] == [TOO_DARK, TOO_DARK, OUT_OF_FOCUS]
+    assert rejections[0].text != rejections[1].text  # type: ignore[union-attr]
+    assert [r.text if r else None for r in rejections] == [assess(darker, site), assess(dark, site),
+                                                           assess(cv2.GaussianBlur(frame, (0, 0), 2), site)]
+    assert all(r.kind in REJECTION_KINDS for r in rejections if r)
+    assert check(frame, site) is None
+    blank = check_cells(find_cells(np.full_like(frame, 200), 0.075))
+    assert blank is not None and (blank.kind, blank.text) == (NO_CELLS, "no cells found")
 
 
 def test_a_bright_white_background_is_not_clipping(frames: list[np.ndarray]) -> None:

@@ -12,7 +12,7 @@ import sys
 from typing import Any
 
 from edge.client import Subscriber
-from edge.messages import TOPIC_STATUS
+from edge.messages import TOPIC_STATUS, rejections_text
 from edge.security import client_keys_from_flags
 
 HEALTHY, DEGRADED, FAILED, UNREACHABLE = 0, 1, 2, 3
@@ -48,6 +48,9 @@ def main(args: argparse.Namespace) -> int:
             f"p99 {latency.get('p99', 0):.1f} ms, dropped {status['frames'].get('dropped', 0)}, "
             f"model {status['model']}"
         )
+        rejections = rejections_text(status)
+        if rejections:
+            print(f"  rejected frames by reason: {rejections}")
         for warning in status.get("warnings", []):
             print(f"  warning: {warning}")
     return code

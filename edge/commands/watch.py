@@ -10,7 +10,7 @@ from typing import Any, TextIO
 
 from edge.client import Subscriber
 from edge.drift import ALARM_TEXT
-from edge.messages import TOPIC_CELLS, TOPIC_STATUS
+from edge.messages import TOPIC_CELLS, TOPIC_STATUS, rejections_text
 from edge.security import client_keys_from_flags
 
 
@@ -69,6 +69,9 @@ class Differential:
                 f" p99 {latency.get('p99', 0):.1f} ms, dropped {status['frames'].get('dropped', 0)},"
                 f" model {status['model']}"
             )
+            rejections = rejections_text(status)
+            if rejections:
+                lines.append(f"rejected frames by reason: {rejections}")
             lines.extend(f"  warning: {w}" for w in status.get("warnings", [])[:5] if w != ALARM_TEXT)
         return "\n".join(lines)
 

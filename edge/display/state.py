@@ -29,7 +29,15 @@ from pathlib import Path
 from typing import Any
 
 from edge.fileutil import atomic_write_bytes
-from edge.messages import TOPIC_CELLS, TOPIC_PREVIEW, TOPIC_STATUS, TOPIC_THUMB, MessageError, decode
+from edge.messages import (
+    TOPIC_CELLS,
+    TOPIC_PREVIEW,
+    TOPIC_STATUS,
+    TOPIC_THUMB,
+    MessageError,
+    decode,
+    rejected_by_reason,
+)
 
 PLATELETS = "platelets"  # count buckets outside the white-cell differential
 RED_CELLS = "red_cells"
@@ -487,6 +495,8 @@ class DisplayState:
                 "latency_p50_ms": latency.get("p50") if isinstance(latency, dict) else None,
                 "latency_p99_ms": latency.get("p99") if isinstance(latency, dict) else None,
                 "dropped": frames.get("dropped"),
+                "rejected": frames.get("rejected"),
+                "rejected_by_reason": rejected_by_reason(status),  # most frequent first; {} from older publishers
                 "model": status.get("model"),
                 "queue_depth": status.get("queue_depth"),
                 "final": bool(status.get("final", False)),

@@ -137,6 +137,8 @@ function renderHealth(h) {
   $("h-fps").textContent = fmt(h.fps);
   $("h-latency").textContent = `${fmt(h.latency_p50_ms)} / ${fmt(h.latency_p99_ms)} ms`;
   $("h-dropped").textContent = h.dropped ?? "–";
+  const reasons = Object.entries(h.rejected_by_reason ?? {}).map(([kind, n]) => `${kind} ${n}`);
+  $("h-rejected").textContent = reasons.length ? reasons.join(", ") : String(h.rejected ?? "–");
   $("h-missed").textContent = String(h.missed);
   $("h-malformed").textContent = String(h.malformed);
   $("h-domain-alarm").textContent = h.domain_alarm ? "ON: all to review"
