@@ -3,8 +3,10 @@
 ``tests/data/replay-cells/baseline.json`` was written by the pipeline as it was before the speed-ups
 of issue 19 (one thread, one frame at a time, crops cut per cell); the replay below must still
 publish exactly those `cells` and `thumb` messages (everything but the run id, clock times and
-latencies). Rewrite it only for a change that is meant to alter the published cells:
-``python tests/test_pipeline.py --write``.
+latencies). Rewrite it only for a change that is meant to alter the published cells, and then with
+the unhurried pipeline: issue 14's new cell finder was recorded by running ``--write`` on the pipeline as
+it was before the speed-ups (commit 3f66a46) with only the finder and quality gate of the new code
+dropped in; the fast pipeline matched it byte for byte. ``python tests/test_pipeline.py --write``.
 """
 
 from __future__ import annotations
