@@ -71,7 +71,7 @@ class Collector:
             await stream.ensure_stream(js)
             subscription = await js.pull_subscribe(
                 stream.SUBJECTS, durable=self.durable, stream=stream.STREAM,
-                config=ConsumerConfig(ack_policy=AckPolicy.ALL, ack_wait=30, max_ack_pending=20_000),
+                config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=30, max_ack_pending=20_000),
             )
             self.ready.set()
             while not self.stop.is_set():
@@ -96,9 +96,11 @@ class Collector:
                 await message.nak(delay=1.0)
             await asyncio.sleep(1.0)
             return
-        # AckPolicy.ALL: acknowledging the batch's last message acknowledges the batch (one collector per
-        # durable consumer; a second one needs its own durable name).
-        await batch[-1].ack()
+        # Every message acknowledged by itself, after the commit. Not AckPolicy.ALL: a collector restarted
+        # while a killed one's batch is still pending would acknowledge that batch unstored (a fault run
+        # lost cells that way).
+        for message in batch:
+            await message.ack()
         self.stats.batches += 1
 
     def _store_batch(self, batch: list[Any]) -> None:
