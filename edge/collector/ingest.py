@@ -52,10 +52,12 @@ def parse(subject_name: str, data: bytes) -> tuple[str, str, dict[str, Any]] | N
 class Collector:
     """Consumes the stream into the database until ``stop`` is set."""
 
-    def __init__(self, engine: Engine, nats: stream.NatsOptions, durable: str = DURABLE) -> None:
+    def __init__(self, engine: Engine, nats: stream.NatsOptions, durable: str = DURABLE,
+                 ack_wait_s: float = 30.0) -> None:
         self.engine = engine
         self.nats = nats
         self.durable = durable
+        self.ack_wait_s = ack_wait_s  # a batch not acknowledged by then (its collector died) is delivered again
         self.stats = IngestStats()
         self.stop = asyncio.Event()
         self.ready = asyncio.Event()
@@ -71,7 +73,7 @@ class Collector:
             await stream.ensure_stream(js)
             subscription = await js.pull_subscribe(
                 stream.SUBJECTS, durable=self.durable, stream=stream.STREAM,
-                config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=30, max_ack_pending=20_000),
+                config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=self.ack_wait_s, max_ack_pending=20_000),
             )
             self.ready.set()
             while not self.stop.is_set():
