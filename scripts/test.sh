@@ -27,5 +27,21 @@ if ! command -v pdftoppm >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
         || echo "could not install poppler-utils: report PDF tests will skip"
 fi
 
+# The collector tests need PostgreSQL at 127.0.0.1:5432 (trust, database `test`) and a nats-server binary.
+# The project's machines run PostgreSQL already; elsewhere, as root, install Debian's and start it
+# (loopback trust for the postgres user only; the tests create and drop a database each). Without them
+# those tests skip with the reason.
+pg_up() { (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null; }
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && { ! pg_up || ! command -v nats-server >/dev/null; }; then
+    echo "installing Debian's postgresql and nats-server for the collector tests"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql nats-server >/dev/null \
+        && if ! pg_up; then
+            hba=$(ls /etc/postgresql/*/main/pg_hba.conf | head -n 1)
+            grep -q cytoedge-test "$hba" || sed -i '1i host all postgres 127.0.0.1/32 trust # cytoedge-test' "$hba"
+            pg_ctlcluster "$(basename "$(dirname "$(dirname "$hba")")")" main restart
+            su postgres -c "createdb test" 2>/dev/null || true
+        fi) || echo "could not set up postgresql / nats-server: collector tests will skip"
+fi
+
 "$VENV/bin/ruff" check .
 "$VENV/bin/python" -m pytest -q "$@"

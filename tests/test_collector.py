@@ -208,3 +208,89 @@ def test_collector_without_its_nats_server_says_so_and_exits_1(tmp_path: Path) -
     done = run_cli("collect", "--config", str(config), timeout=60)
     assert done.returncode == 1
     assert "NATS at nats://127.0.0.1:" in done.stderr and "Traceback" not in done.stderr
+
+
+@needs_nats
+def test_malformed_messages_on_the_stream_are_dropped_and_the_rest_of_their_batch_stored(
+    tmp_path: Path, database: str
+) -> None:
+    import asyncio
+
+    import nats
+
+    from edge.collector import db, stream
+    from edge.collector.ingest import Collector
+
+    good = recorded_messages()[:4]
+    bad_cell = dict(good[0], seq=100, cells=[{"kind": "wbc"}])  # a cell without its id
+    bodies = [json.dumps(good[0]).encode(), b"{not json", json.dumps(bad_cell).encode(),
+              json.dumps(dict(good[1], seq="x")).encode(), *(json.dumps(m).encode() for m in good[1:])]
+
+    async def scenario(url: str) -> Collector:
+        client = await nats.connect(url)
+        js = client.jetstream()
+        await stream.ensure_stream(js)
+        for body in bodies:
+            await js.publish(stream.subject("bench-9", "cells"), body)
+        await client.close()
+        collector = Collector(db.connect(database), stream.NatsOptions(url))
+        task = asyncio.create_task(collector.run())
+        for _ in range(100):
+            await asyncio.sleep(0.1)
+            if collector.stats.stored + collector.stats.malformed >= len(bodies) - 1:
+                break
+        collector.stop.set()
+        await task
+        return collector
+
+    with rig.nats_server(tmp_path / "nats") as (_, url):
+        collector = asyncio.run(scenario(url))
+    assert collector.stats.malformed == 3
+    assert sorted(rig.stored_cells(database, "bench-9")) == sorted(("R1", m["seq"], i) for m in good for i in range(6))
+
+
+@needs_nats
+def test_a_batch_left_unacknowledged_by_a_killed_collector_is_stored_by_the_next_one(
+    tmp_path: Path, database: str
+) -> None:
+    """The dead collector's batch must come back although the new one acknowledges later messages first
+    (the loss AckPolicy.ALL caused in a fault run)."""
+    import asyncio
+
+    import nats
+
+    from edge.collector import db, stream
+    from edge.collector.ingest import DURABLE, Collector
+
+    messages = recorded_messages()
+
+    async def scenario(url: str) -> None:
+        engine = db.connect(database)
+        first = Collector(engine, stream.NatsOptions(url), ack_wait_s=2.0)
+        task = asyncio.create_task(first.run())  # creates the durable consumer
+        await asyncio.wait_for(first.ready.wait(), 10)
+        first.stop.set()
+        await task
+        client = await nats.connect(url)
+        js = client.jetstream()
+        for m in messages[:10]:
+            await js.publish(stream.subject("bench-5", "cells"), json.dumps(m).encode())
+        dead = await js.pull_subscribe(stream.SUBJECTS, durable=DURABLE, stream=stream.STREAM)
+        taken = await dead.fetch(10, timeout=5)  # a collector that fetched, then died before storing
+        assert len(taken) == 10
+        for m in messages[10:]:
+            await js.publish(stream.subject("bench-5", "cells"), json.dumps(m).encode())
+        await client.close()
+        second = Collector(engine, stream.NatsOptions(url), ack_wait_s=2.0)
+        task = asyncio.create_task(second.run())
+        for _ in range(150):
+            await asyncio.sleep(0.1)
+            if len(rig.stored_cells(database, "bench-5")) >= len(messages) * 6:
+                break
+        second.stop.set()
+        await task
+
+    with rig.nats_server(tmp_path / "nats") as (_, url):
+        asyncio.run(scenario(url))
+    assert sorted(rig.stored_cells(database, "bench-5")) == sorted(
+        ("R1", m["seq"], i) for m in messages for i in range(6))

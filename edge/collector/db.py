@@ -80,7 +80,8 @@ def _v1(conn: Connection) -> None:
 
 def _v2(conn: Connection) -> None:
     # Plain DDL (both databases know IF NOT EXISTS): Index objects would attach to the shared tables above.
-    conn.execute(sa.text("CREATE INDEX IF NOT EXISTS cells_by_frame ON cells (microscope, run, frame_id)"))
+    # No second index on cells: the primary key's (microscope, run) prefix serves the slide queries, and each
+    # index costs about a fifth of the insert time.
     conn.execute(sa.text("CREATE INDEX IF NOT EXISTS messages_by_time ON messages (microscope, published_at)"))
 
 
@@ -201,6 +202,46 @@ def _copy_insert(conn: Connection, table: sa.Table, rows: list[dict[str, Any]]) 
         cursor.execute(f"INSERT INTO {table.name} ({listed}) SELECT {listed} FROM {staging} ON CONFLICT DO NOTHING")
     finally:
         cursor.close()
+
+
+_CELLS_FROM_JSON = """
+INSERT INTO messages (microscope, run, topic, seq, frame_id, published_at, stored_at, model, source,
+                      domain_alarm, domain_checked, n_cells)
+SELECT microscope, body->>'run', 'cells', (body->>'seq')::bigint, (body->>'frame_id')::bigint,
+       (body->>'published_at')::float8, %(now)s, body->>'model', body->>'source',
+       coalesce((body->>'domain_alarm')::boolean, false), coalesce((body->>'domain_checked')::boolean, true),
+       jsonb_array_length(coalesce(body->'cells', '[]'::jsonb))
+FROM raw_cells_incoming
+ON CONFLICT DO NOTHING;
+INSERT INTO cells (microscope, run, seq, cell_id, frame_id, kind, label, uncertainty, anomaly, review, first_seen,
+                   bbox, probs)
+SELECT i.microscope, i.body->>'run', (i.body->>'seq')::bigint, (c->>'id')::integer, (i.body->>'frame_id')::bigint,
+       c->>'kind', c->>'label', (c->>'uncertainty')::float8, (c->>'anomaly')::float8,
+       coalesce((c->>'review')::boolean, false), coalesce((c->>'first_seen')::boolean, true),
+       (c->'bbox')::text, (c->'probs')::text
+FROM raw_cells_incoming i, jsonb_array_elements(coalesce(i.body->'cells', '[]'::jsonb)) c
+ON CONFLICT DO NOTHING;
+"""
+
+
+def store_raw_cells(conn: Connection, raw: list[tuple[str, bytes]]) -> None:
+    """PostgreSQL only: audit lines as shipped, decoded and split into message and cell rows by the
+    database itself (COPY as jsonb, then INSERT … SELECT … ON CONFLICT DO NOTHING): the collector's Python
+    then does almost nothing per cell. Raises on anything PostgreSQL cannot cast; the caller then stores
+    the batch through `store`, which checks each message in Python."""
+    cursor = conn.connection.driver_connection.cursor()
+    try:
+        cursor.execute("CREATE TEMP TABLE IF NOT EXISTS raw_cells_incoming (microscope text, body jsonb) "
+                       "ON COMMIT DELETE ROWS")
+        with cursor.copy("COPY raw_cells_incoming (microscope, body) FROM STDIN") as copy:
+            for microscope, data in raw:
+                copy.write_row((microscope, data.decode("utf-8")))
+        for statement in _CELLS_FROM_JSON.split(";")[:2]:
+            cursor.execute(statement, {"now": time.time()} if "%(now)s" in statement else None)
+    finally:
+        cursor.close()
+    for microscope in {m for m, _ in raw}:
+        _touch(conn, microscope, last_message_at=time.time())
 
 
 def _touch(conn: Connection, microscope: str, **values: Any) -> None:

@@ -9,8 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import exc as sa_exc
@@ -29,7 +28,6 @@ class IngestStats:
     stored: int = 0
     malformed: int = 0
     batches: int = 0
-    lags: list[float] = field(default_factory=list)  # stored_at - published_at of recent cells messages
 
 
 def parse(subject_name: str, data: bytes) -> tuple[str, str, dict[str, Any]] | None:
@@ -54,13 +52,17 @@ def parse(subject_name: str, data: bytes) -> tuple[str, str, dict[str, Any]] | N
 class Collector:
     """Consumes the stream into the database until ``stop`` is set."""
 
-    def __init__(self, engine: Engine, nats: stream.NatsOptions, durable: str = DURABLE) -> None:
+    def __init__(self, engine: Engine, nats: stream.NatsOptions, durable: str = DURABLE,
+                 ack_wait_s: float = 30.0) -> None:
         self.engine = engine
         self.nats = nats
         self.durable = durable
+        self.ack_wait_s = ack_wait_s  # a batch not acknowledged by then (its collector died) is delivered again
         self.stats = IngestStats()
         self.stop = asyncio.Event()
         self.ready = asyncio.Event()
+        self._dbapi = engine.dialect.dbapi  # the driver's own errors (COPY runs on its cursor)
+        self._refused = (sa_exc.DataError, sa_exc.IntegrityError, self._dbapi.DataError, self._dbapi.IntegrityError)
 
     async def run(self) -> None:
         from nats.js.api import AckPolicy, ConsumerConfig
@@ -71,7 +73,7 @@ class Collector:
             await stream.ensure_stream(js)
             subscription = await js.pull_subscribe(
                 stream.SUBJECTS, durable=self.durable, stream=stream.STREAM,
-                config=ConsumerConfig(ack_policy=AckPolicy.ALL, ack_wait=30, max_ack_pending=20_000),
+                config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=self.ack_wait_s, max_ack_pending=20_000),
             )
             self.ready.set()
             while not self.stop.is_set():
@@ -88,6 +90,54 @@ class Collector:
             return
         if not batch:
             return
+        try:
+            await asyncio.to_thread(self._store_batch, batch)
+        except (sa_exc.DBAPIError, self._dbapi.Error) as exc:  # the database is down: nothing acknowledged, again
+            log.warning("database did not take %d message(s): %s", len(batch), str(exc).splitlines()[0])
+            for message in batch:
+                await message.nak(delay=1.0)
+            await asyncio.sleep(1.0)
+            return
+        # Every message acknowledged by itself, after the commit. Not AckPolicy.ALL: a collector restarted
+        # while a killed one's batch is still pending would acknowledge that batch unstored (a fault run
+        # lost cells that way).
+        for message in batch:
+            await message.ack()
+        self.stats.batches += 1
+
+    def _store_batch(self, batch: list[Any]) -> None:
+        """One transaction per batch. On PostgreSQL the database decodes the `cells` lines itself; if it
+        refuses one (a type it cannot cast), the batch goes again through the Python checks below."""
+        if self.engine.dialect.name == "postgresql":
+            raw = [(stream.microscope_of(m.subject), m.data) for m in batch if m.subject.endswith(".cells")]
+            others = [m for m in batch if not m.subject.endswith(".cells")]
+            try:
+                with self.engine.begin() as conn:
+                    if raw:
+                        db.store_raw_cells(conn, raw)
+                    db.store(conn, self._checked(others))
+                self.stats.stored += len(batch)
+                return
+            except (sa_exc.DBAPIError, self._dbapi.Error, UnicodeDecodeError) as exc:
+                # a value PostgreSQL cannot cast (or the database went away: then the path below fails too)
+                log.warning("batch needs the message-by-message path: %s", str(exc).splitlines()[0])
+        items = self._checked(batch)
+        try:
+            with self.engine.begin() as conn:
+                db.store(conn, items)
+            self.stats.stored += len(items)
+        except self._refused:
+            for item in items:  # one message the database refuses must not hold up the stream for ever
+                try:
+                    with self.engine.begin() as conn:
+                        db.store(conn, [item])
+                    self.stats.stored += 1
+                except self._refused as exc:
+                    self.stats.malformed += 1
+                    log.warning("database refused a message from %s: %s; dropped", item[0],
+                                str(exc).splitlines()[0])
+
+    def _checked(self, batch: list[Any]) -> list[tuple[str, str, dict[str, Any]]]:
         items = []
         for message in batch:
             item = parse(message.subject, message.data)
@@ -96,24 +146,4 @@ class Collector:
                 log.warning("unusable message on %s: acknowledged and dropped", message.subject)
             else:
                 items.append(item)
-        try:
-            await asyncio.to_thread(self._store, items)
-        except sa_exc.DBAPIError as exc:  # the database is down or refused: nothing acknowledged, try again
-            log.warning("database did not take %d message(s): %s", len(items), str(exc).splitlines()[0])
-            for message in batch:
-                await message.nak(delay=1.0)
-            await asyncio.sleep(1.0)
-            return
-        # AckPolicy.ALL: acknowledging the batch's last message acknowledges the batch (one collector per
-        # durable consumer; a second one needs its own durable name).
-        await batch[-1].ack()
-        self.stats.batches += 1
-
-    def _store(self, items: list[tuple[str, str, dict[str, Any]]]) -> None:
-        with self.engine.begin() as conn:
-            db.store(conn, items)
-        now = time.time()
-        self.stats.stored += len(items)
-        lags = [now - p["published_at"] for _, kind, p in items
-                if kind == "cells" and isinstance(p.get("published_at"), (int, float))]
-        self.stats.lags = (self.stats.lags + lags)[-100_000:]
+        return items

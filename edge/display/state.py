@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import re
 import time
@@ -50,6 +51,7 @@ MAX_FRAMES_REMEMBERED = 10_000  # (run, frame_id) pairs remembered to ignore a r
 RECENT_DECISIONS = 8
 
 CellKey = tuple[str, int, int]  # (run, frame_id, cell_id)
+log = logging.getLogger(__name__)
 
 
 class DecisionError(ValueError):
@@ -271,7 +273,10 @@ class DisplayState:
         """Zero the counts, forget the old slide's cells and review cards, start a new session file.
         The old slide's session file (if it has decisions) is closed with its `slide-end` line."""
         if self.slide.session.path.exists():
-            self.slide.session.append(self.slide.end_record(self.clock(), self.target))
+            try:
+                self.slide.session.append(self.slide.end_record(self.clock(), self.target))
+            except OSError as exc:  # a full disk must not stop the bench; the report then counts whole runs
+                log.warning("could not close %s with its slide-end line: %s", self.slide.session.path, exc)
         classes = list(self.slide.classes)
         self.slide = self._new_slide()
         self.slide.classes = classes  # the model did not change with the slide
