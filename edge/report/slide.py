@@ -266,6 +266,8 @@ def build(
     segment: dict[str, Any] | None = None
     for message in messages:
         run = message.get("run")
+        if not isinstance(message.get("cells"), list):
+            continue  # not a cells message (e.g. a session file given as the audit log)
         if not isinstance(run, str) or (wanted is not None and run not in wanted):
             continue
         frame_id = message.get("frame_id")
