@@ -192,6 +192,8 @@ def test_lab_page_lists_live_microscopes_and_signed_slides_with_their_report(tmp
         ("[[microscope]]\nendpoint = \"tcp://x:1\"\n", "needs an id"),
         ("[web]\ntarget = 150\n", "web.target must be 100 or 200"),
         ("not toml [", "c.toml"),
+        ("[database]\nurl = \"mysql://lab/db\"\n", "mysql is not supported (PostgreSQL or SQLite)"),
+        ("[database]\nurl = \"not a url\"\n", "Could not parse"),
     ],
 )
 def test_bad_collector_config_ends_in_one_line_and_exit_2(tmp_path: Path, text: str, words: str) -> None:

@@ -189,6 +189,7 @@ def test_report_counts_only_the_frames_of_the_slide_named_by_the_displays_slide_
         (["SESSION", "--audit", "missing-audit.jsonl", "--out", "o.pdf"], 2, "cannot read"),
         (["SESSION", "--audit", "AUDIT", "--out", "o.pdf", "--run", "no-such-run"], 1, "no cells messages"),
         (["SESSION", "--audit", "AUDIT", "--out", "o.pdf", "--target", "7"], 2, "invalid choice"),
+        (["SESSION", "--audit", "SESSION", "--out", "o.pdf"], 1, "no cells messages"),
     ],
 )
 def test_bad_report_input_ends_in_one_line_and_its_exit_code(

@@ -68,3 +68,32 @@ def test_review_lines_are_named_by_slide_and_line_number(tmp_path: Path) -> None
     assert message.subject == "cytoedge.bench_2.review"
     assert message.msg_id == "bench_2/review/slide-20261130-101500/1"
     assert json.loads(message.data) == {"slide": session.stem, "line": 1, "record": json.loads(lines[0])}
+
+
+def test_a_decisions_saved_crop_travels_with_it_and_reaches_the_report(tmp_path: Path) -> None:
+    import base64
+
+    import cv2
+    import numpy as np
+
+    from edge.report import slide as slides
+    from edge.report.pdf import crop_jpeg
+
+    (tmp_path / "slide-a").mkdir()
+    _, jpeg = cv2.imencode(".jpg", np.full((32, 32, 3), (0, 0, 200), np.uint8))
+    (tmp_path / "slide-a" / "R-3-0.jpg").write_bytes(jpeg.tobytes())
+    session = tmp_path / "slide-a.jsonl"
+    decision = {"run": "R", "frame_id": 3, "cell_id": 0, "model_label": "ig", "reviewer_label": "monocyte",
+                "action": "correct", "crop": "slide-a/R-3-0.jpg"}
+    session.write_text(json.dumps(decision) + "\n")
+    shipper = Shipper("bench-1", tmp_path / "audit.jsonl", tmp_path, tmp_path / "state.json", NatsOptions())
+    lines, _ = read_new(session, Position(), 100)
+    [message] = shipper._outgoing("review", session, lines, 0)
+    shipped = json.loads(message.data)["record"]
+    assert base64.b64decode(shipped["crop_jpeg_b64"]) == jpeg.tobytes()
+
+    cells = {"run": "R", "frame_id": 3, "seq": 3, "cells": [{"id": 0, "kind": "wbc", "label": "ig", "review": True,
+                                                             "first_seen": True, "bbox": [0, 0, 5, 5]}]}
+    built = slides.build([cells], slides.latest_decisions([shipped]), "slide-a", "bench-1")
+    [cell] = built.gallery
+    assert crop_jpeg(cell, []) == jpeg.tobytes()  # at the lab, without the edge's files

@@ -91,6 +91,12 @@ MIGRATIONS: Sequence[Callable[[Connection], None]] = (_v1, _v2)  # append only; 
 def connect(url: str) -> Engine:
     """An engine for ``url`` (``sqlite:///lab.db``, ``postgresql+psycopg://user@host/db``), schema up to date."""
     try:
+        backend = sa.engine.make_url(url).get_backend_name()
+    except sa.exc.ArgumentError as exc:
+        raise ConfigError(f"database url {url!r}: {exc}") from None
+    if backend not in ("postgresql", "sqlite"):
+        raise ConfigError(f"database url {url!r}: {backend} is not supported (PostgreSQL or SQLite)")
+    try:
         engine = sa.create_engine(url, pool_pre_ping=True)
     except (sa.exc.ArgumentError, ImportError) as exc:
         raise ConfigError(f"database url {url!r}: {exc}") from None

@@ -1,7 +1,7 @@
 """The collector's durable path: a JetStream pull consumer whose messages are stored, then acknowledged.
 
-Acknowledging only after the database committed means a collector killed mid-batch gets the batch
-again (ack_wait later, or at once on restart) and the database keys make the second write a no-op.
+Acknowledging each message only after the database committed means a collector killed mid-batch gets
+that batch again (after ack_wait, from JetStream) and the database keys make a second write a no-op.
 """
 
 from __future__ import annotations

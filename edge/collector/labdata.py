@@ -14,6 +14,8 @@ from sqlalchemy.engine import Engine
 from edge.collector import db
 from edge.report import slide as slides
 
+SLIDES_SHOWN = 50
+
 
 def session_records(engine: Engine) -> dict[tuple[str, str], list[dict[str, Any]]]:
     query = sa.select(db.reviews.c.microscope, db.reviews.c.slide, db.reviews.c.record).order_by(
@@ -103,7 +105,10 @@ def overview(engine: Engine, live: dict[str, dict[str, Any]], stale_after_s: flo
             "messages": counts.get(name, 0),
         })
     slide_rows = []
-    for (microscope, slide_id), records in sorted(session_records(engine).items()):
+    # Newest first (slide ids start with their local start time), at most SLIDES_SHOWN: each is rebuilt
+    # from its cells on every refresh.
+    newest = sorted(session_records(engine).items(), key=lambda item: (item[0][1], item[0][0]), reverse=True)
+    for (microscope, slide_id), records in newest[:SLIDES_SHOWN]:
         slide = build_slide(engine, microscope, slide_id, target, records)
         if slide is None:
             continue

@@ -8,6 +8,7 @@ crash re-sends at most one batch; JetStream drops the repeats by message id, and
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 
 BATCH = 500  # lines published before waiting for their acknowledgements
 MAX_LINE = 8 << 20
+MAX_CROP = 256 << 10
 
 
 @dataclass
@@ -59,6 +61,21 @@ class Outgoing:
     subject: str
     msg_id: str
     data: bytes
+
+
+def with_crop(record: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """A decision's saved crop (beside the session file) travels inside it, base64, so reports made at
+    the lab show the cell the reviewer saw; a missing or oversized crop is left out."""
+    crop = record.get("crop")
+    if not isinstance(crop, str) or ".." in Path(crop).parts:
+        return record
+    try:
+        data = (folder / crop).read_bytes()
+    except OSError:
+        return record
+    if len(data) > MAX_CROP:
+        return record
+    return {**record, "crop_jpeg_b64": base64.b64encode(data).decode("ascii")}
 
 
 def read_new(path: Path, position: Position, limit: int) -> tuple[list[bytes], Position]:
@@ -115,6 +132,7 @@ class Shipper:
                     data = line
                 else:
                     key = f"{path.stem}/{number}"
+                    record = with_crop(record, path.parent)
                     data = json.dumps({"slide": path.stem, "line": number, "record": record}).encode()
             except (ValueError, KeyError, TypeError):
                 self.state.skipped += 1

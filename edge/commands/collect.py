@@ -110,6 +110,8 @@ def collect(args: argparse.Namespace) -> int:
     finally:
         live.stop.set()
         page.stop()
+    log.info("stored %d message(s) in %d batch(es); %d unusable dropped", collector.stats.stored,
+             collector.stats.batches, collector.stats.malformed)
     return 0
 
 

@@ -25,6 +25,8 @@ RED = colors.HexColor("#b00020")
 
 def crop_jpeg(cell: GalleryCell, search: Sequence[Path]) -> bytes | None:
     """The cell's picture: the crop the display saved at review, else cut from its source frame by its box."""
+    if cell.crop_jpeg:
+        return cell.crop_jpeg
     candidates: list[Path] = []
     if cell.crop:
         candidates += [base / cell.crop for base in search]

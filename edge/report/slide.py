@@ -4,6 +4,7 @@ report says what the bench showed."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import time
@@ -45,6 +46,7 @@ class GalleryCell:
     source: str | None
     bbox: list[int] | None
     crop: str | None = None  # saved by the display beside the session file, relative to its folder
+    crop_jpeg: bytes | None = None  # the same crop as shipped to the lab collector
 
     @property
     def shown_label(self) -> str:
@@ -220,6 +222,16 @@ def signoff_record(signoff: SignOff) -> dict[str, Any]:
     return {"event": "signoff", "name": signoff.name, "time": signoff.time}
 
 
+def _crop_bytes(decision: dict[str, Any] | None) -> bytes | None:
+    encoded = (decision or {}).get("crop_jpeg_b64")
+    if not isinstance(encoded, str):
+        return None
+    try:
+        return base64.b64decode(encoded, validate=True)
+    except ValueError:
+        return None
+
+
 def card_checksum(model_id: str | None, models_root: Path | None = None) -> str | None:
     """sha256 of the model card (card.md) of the model whose file hash the id ends with; None if not found."""
     if not model_id or "@" not in model_id:
@@ -266,6 +278,8 @@ def build(
     segment: dict[str, Any] | None = None
     for message in messages:
         run = message.get("run")
+        if not isinstance(message.get("cells"), list):
+            continue  # not a cells message (e.g. a session file given as the audit log)
         if not isinstance(run, str) or (wanted is not None and run not in wanted):
             continue
         frame_id = message.get("frame_id")
@@ -323,6 +337,7 @@ def build(
                     decision.get("action") if decision else None,
                     flagged, message.get("source"), cell.get("bbox"),
                     decision.get("crop") if decision else None,
+                    _crop_bytes(decision),
                 )
     if not slide.frames:
         raise ReportError("no cells messages for this slide (wrong audit log or run?)")
