@@ -43,12 +43,18 @@ class Unlabelled:
     skipped: Counter[str] = field(default_factory=Counter)
 
 
+# Lines the display and `cytoedge report --sign` add to a session file besides decisions.
+SLIDE_EVENTS = ("slide-end", "signoff")
+
+
 def _decisions(session: Path, skipped: Counter[str]) -> dict[tuple[str, int, int], dict]:
     """The last decision per cell (a later click replaces an earlier one, as on the display)."""
     latest: dict[tuple[str, int, int], dict] = {}
     for line in session.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             record = json.loads(line)
+            if isinstance(record, dict) and record.get("event") in SLIDE_EVENTS:
+                continue  # the slide's end and its sign-off: not a decision, nothing wrong with them
             key = (str(record["run"]), int(record["frame_id"]), int(record["cell_id"]))
         except (ValueError, KeyError, TypeError):
             skipped["unreadable session line"] += 1
