@@ -26,6 +26,7 @@ import numpy as np
 
 from edge.classifier import preprocess, scores_from_outputs
 from edge.modelmeta import file_sha256
+from engines import card as model_card
 from engines import evaluate, pbc
 from engines.baseline import SCALE_NOTE, TrainConfig, prepare_data
 
@@ -561,8 +562,7 @@ def main(argv: list[str] | None = None) -> int:
                         "their AUROC for unseen cell types is measured for one held-out class only.",
                         "Domain shift (BCCD, wbc-shift) was not measured for this model."],
     }
-    pbc.atomic_write_json(Path(args.student) / "card.json", card)
-    pbc.atomic_write_text(Path(args.student) / "card.md", render_card_md(card))
+    model_card.save(Path(args.student), card, render_card_md(card))
     print(f"wrote {args.student}/card.json and card.md")
     return 0
 

@@ -23,6 +23,7 @@ import numpy as np
 from calibration.temperature import nll
 from edge.classifier import preprocess, scores_from_outputs, softmax
 from edge.modelmeta import ModelMetadata, file_sha256
+from engines import card as model_card
 from engines import ood_card, pbc
 
 ECE_BINS = 15
@@ -326,7 +327,7 @@ def write_card(out: Path, onnx_path: Path, report: dict, training: dict, split_s
                summary: str | None = None, keep: dict | None = None) -> dict:
     """Write card.json (machine-readable) and card.md (rendered from it), both atomically."""
     card = {
-        "format": "cytoedge-card/1",
+        "format": model_card.FORMAT,
         "summary": summary or ("Baseline 8-class white-cell/platelet/erythroblast classifier for the cytoedge "
                                "runtime: a small ResNet trained on the CPU; softmax-based uncertainty."),
         "file": Path(onnx_path).name,
@@ -347,9 +348,7 @@ def write_card(out: Path, onnx_path: Path, report: dict, training: dict, split_s
         "limitations": LIMITATIONS,
         **(keep or {}),  # out-of-domain figures measured on this same file survive a refresh
     }
-    out = Path(out)
-    pbc.atomic_write_json(out / "card.json", card)
-    pbc.atomic_write_text(out / "card.md", render_card_md(card))
+    model_card.save(Path(out), card, render_card_md(card))
     return card
 
 

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
-from engines import pbc
+from engines import card
 
 DATA = Path(__file__).with_name("heldback.json")
-BEGIN = "<!-- cytoedge:held-back:begin -->"
-END = "<!-- cytoedge:held-back:end -->"
+BLOCK = "held-back"
+BEGIN, END = card.markers(BLOCK)
 
 
 def _fmt(value: float | None) -> str:
@@ -49,17 +48,11 @@ def render_section(data: dict, this_model: str) -> str:
 
 def update_card(model_dir: Path, data: dict) -> None:
     """Replace (or append) the marked block of card.md and keep the figures in card.json under ``held_back``."""
-    model_dir = Path(model_dir)
-    card_path = model_dir / "card.json"
-    card = json.loads(card_path.read_text(encoding="utf-8")) if card_path.is_file() else {}
-    card["held_back"] = data
-    pbc.atomic_write_json(card_path, card)
-    md_path = model_dir / "card.md"
-    text = md_path.read_text(encoding="utf-8") if md_path.is_file() else f"# Model card: {model_dir.name}\n"
-    section = render_section(data, model_dir.name)
-    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section + "\n"
-    pbc.atomic_write_text(md_path, text)
+    def change(figures: dict) -> str:
+        figures["held_back"] = data
+        return render_section(data, Path(model_dir).name)
+
+    card.update_block(model_dir, BLOCK, change)
 
 
 def main(argv: list[str] | None = None) -> int:

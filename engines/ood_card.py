@@ -8,17 +8,15 @@ without touching the rest of a card written by another engine (baseline or stude
 
 from __future__ import annotations
 
-import json
-import re
 from pathlib import Path
 
 import numpy as np
 
 from edge.drift import DomainAlarm, Reference, features, stream
-from engines import pbc
+from engines import card
 
-BEGIN = "<!-- cytoedge:out-of-domain:begin -->"
-END = "<!-- cytoedge:out-of-domain:end -->"
+BLOCK = "out-of-domain"
+BEGIN, END = card.markers(BLOCK)
 
 
 def alarm_stream(reference: Reference | None, labels: list[str], anomaly: np.ndarray, uncertainty: np.ndarray,
@@ -173,21 +171,15 @@ def summarise(ood: dict) -> dict:
 def update_card(model_dir: Path, ood: dict, adaptation: dict | None, teacher: dict | None = None) -> None:
     """Put the OOD (and adaptation, and for a student its teacher's) figures into card.json and refresh
     the marked block of card.md."""
-    model_dir = Path(model_dir)
-    card_path = model_dir / "card.json"
-    card = json.loads(card_path.read_text(encoding="utf-8")) if card_path.is_file() else {}
-    card["out_of_domain"] = summarise(ood)
-    if adaptation is not None:
-        card["adaptation"] = {**adaptation, "model_id": ood["model"]}
-    elif card.get("adaptation", {}).get("model_id") != ood["model"]:
-        card.pop("adaptation", None)  # measured on another file: stale
-    if teacher is not None:
-        card["teacher_out_of_domain"] = teacher
-    pbc.atomic_write_json(card_path, card)
-    md_path = model_dir / "card.md"
-    text = md_path.read_text(encoding="utf-8") if md_path.is_file() else f"# Model card: {model_dir.name}\n"
-    section = render_section(card["out_of_domain"], card.get("adaptation"), card.get("teacher_out_of_domain"))
-    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
-    found = pattern.search(text)
-    text = pattern.sub(lambda _: section, text) if found else text.rstrip("\n") + "\n\n" + section + "\n"
-    pbc.atomic_write_text(md_path, text)
+    def change(figures: dict) -> str:
+        figures["out_of_domain"] = summarise(ood)
+        if adaptation is not None:
+            figures["adaptation"] = {**adaptation, "model_id": ood["model"]}
+        elif figures.get("adaptation", {}).get("model_id") != ood["model"]:
+            figures.pop("adaptation", None)  # measured on another file: stale
+        if teacher is not None:
+            figures["teacher_out_of_domain"] = teacher
+        return render_section(figures["out_of_domain"], figures.get("adaptation"),
+                              figures.get("teacher_out_of_domain"))
+
+    card.update_block(model_dir, BLOCK, change)

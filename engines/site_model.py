@@ -23,6 +23,7 @@ from edge.drift import DomainAlarm, Reference, checks_with_alarm
 from edge.fileutil import atomic_write_bytes
 from edge.modelmeta import ModelMetadata
 from edge.onnx_backend import OnnxRuntimeClassifier
+from engines import card as model_card
 from engines import evaluate, export
 from engines.adapt import (
     REPLAY_FILE,
@@ -149,10 +150,7 @@ def build_site_model(base_onnx: Path, out: Path, name: str, unlabelled: np.ndarr
         "alarm_self_check": reference["self_check"],
         "seconds": round(time.time() - began, 1),
     }
-    from engines.pbc import atomic_write_json, atomic_write_text
-
-    atomic_write_json(out / "card.json", card)
-    atomic_write_text(out / "card.md", render_card(card))
+    model_card.save(out, card, render_card(card))
     return card
 
 
