@@ -244,7 +244,8 @@ def bundled_agreement(fp32: Path, int8: Path, samples: Path = SAMPLES, um_per_px
     import cv2
 
     from edge.analysis import CLASSIFIED_KINDS
-    from edge.cellfinder import cut_crops, find_cells
+    from edge.cellfinder import find_cells
+    from edge.crops import cut_crops
     from edge.onnx_backend import OnnxRuntimeClassifier
 
     reference = OnnxRuntimeClassifier(fp32, threads=threads)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from edge.crops import as_bgr
+
 KINDS = ("wbc", "rbc", "platelet")
 MAX_PARTS = 64  # most stained fragments considered for white cells in one frame
 
@@ -69,25 +71,6 @@ class Detection:
     score: float
 
 
-def _as_bgr(image: np.ndarray) -> np.ndarray:
-    """Accept the image layouts a camera or file can give (grey, BGR, BGRA); reject non-images."""
-    if not isinstance(image, np.ndarray):
-        raise ValueError(f"image must be a numpy array, got {type(image).__name__}")
-    if image.dtype != np.uint8:
-        raise ValueError(f"image must be uint8, got dtype {image.dtype}")
-    if image.ndim == 2:
-        return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR) if image.size else image[..., None].repeat(3, 2)
-    if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
-        raise ValueError(f"image must be HxW, HxWx1, HxWx3 or HxWx4, got shape {image.shape}")
-    if image.shape[2] == 3:
-        return image
-    if image.size == 0:
-        return np.zeros((*image.shape[:2], 3), np.uint8)
-    if image.shape[2] == 4:
-        return cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
-    return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
-
-
 def _check_scale(um_per_px: float) -> float:
     value = float(um_per_px)
     if not math.isfinite(value) or value <= 0:
@@ -115,7 +98,7 @@ def find_cells(image_bgr: np.ndarray, um_per_px: float, params: FinderParams = F
     Odd frames of the right dtype (blank, black, tiny, grey, BGRA) give [] or what is found;
     only non-images (wrong dtype or shape) and a non-positive scale raise ValueError.
     """
-    image = _as_bgr(image_bgr)
+    image = as_bgr(image_bgr)
     um_per_px = _check_scale(um_per_px)
     height, width = image.shape[:2]
     scale = min(1.0, um_per_px / max(params.work_um_per_px, 1e-6))
