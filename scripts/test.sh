@@ -36,7 +36,7 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && { ! pg_up || ! co
     echo "installing Debian's postgresql and nats-server for the collector tests"
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql nats-server >/dev/null \
         && if ! pg_up; then
-            hba=$(ls /etc/postgresql/*/main/pg_hba.conf | head -n 1)
+            for hba in /etc/postgresql/*/main/pg_hba.conf; do break; done
             grep -q cytoedge-test "$hba" || sed -i '1i host all postgres 127.0.0.1/32 trust # cytoedge-test' "$hba"
             pg_ctlcluster "$(basename "$(dirname "$(dirname "$hba")")")" main restart
             su postgres -c "createdb test" 2>/dev/null || true

@@ -609,9 +609,13 @@ def test_real_pipeline_replay_drives_the_page_end_to_end(tmp_path: Path, page: A
         key = flagged_white[-1]  # newest first on the page; a white cell, so the correction moves a white count
         card = page.locator(f'#queue li.card[data-key="{key}"]')
         model_label = card.locator("button.accept").inner_text().removeprefix("Accept ").strip()
-        new_label = card.locator("button.other").first.get_attribute("data-label")
+        # A white class the model did not give: "platelet" would move the cell out of the white differential.
+        others = card.locator("button.other")
+        choice = next(others.nth(i) for i in range(others.count())
+                      if others.nth(i).get_attribute("data-label") not in ("platelet", model_label))
+        new_label = choice.get_attribute("data-label")
         before = page_counts(page)
-        card.locator("button.other").first.click()
+        choice.click()
         card.locator(".decision", has_text=f"corrected to {new_label}").wait_for()
         deadline = time.monotonic() + 10  # the counts arrive with the next pushed snapshot
         while page_counts(page) == before and time.monotonic() < deadline:
