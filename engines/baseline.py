@@ -39,18 +39,32 @@ SCALE_NOTE = (
 
 
 # --------------------------------------------------------------------------------------------- model
+NORMS = ("batch", "group")
+
+
+def make_norm(kind: str, channels: int) -> nn.Module:
+    """BatchNorm (the shipped models) or GroupNorm with 8 groups: no batch statistics, so nothing learnt about
+    PBC's channel moments is frozen into inference (Tsutsui et al. 2023: BatchNorm models collapse under
+    stain shift, GroupNorm ones much less). A robustness lever, measured in docs/robustness.md."""
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":
+        return nn.GroupNorm(8, channels)
+    raise ValueError(f"unknown normalisation {kind!r} (one of {NORMS})")
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions with a residual path; a 1x1 projection when the shape changes."""
 
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
+    def __init__(self, cin: int, cout: int, stride: int, norm: str = "batch") -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
+        self.bn1 = make_norm(norm, cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
+        self.bn2 = make_norm(norm, cout)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), make_norm(norm, cout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.relu(self.bn1(self.conv1(x)))
@@ -62,12 +76,13 @@ class BaselineCNN(nn.Module):
     """ResNet-style net for 64 px crops: a stride-2 stem (full-resolution convolutions cost 4x on a CPU
     for little gain at this size), four residual stages, global average pooling, linear logits."""
 
-    def __init__(self, num_classes: int, stem: int = 24, widths: tuple[int, ...] = (32, 64, 128, 192)) -> None:
+    def __init__(self, num_classes: int, stem: int = 24, widths: tuple[int, ...] = (32, 64, 128, 192),
+                 norm: str = "batch") -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, stem, 3, 2, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU())
+        self.stem = nn.Sequential(nn.Conv2d(3, stem, 3, 2, 1, bias=False), make_norm(norm, stem), nn.ReLU())
         blocks, cin = [], stem
         for i, width in enumerate(widths):
-            blocks.append(BasicBlock(cin, width, 1 if i == 0 else 2))
+            blocks.append(BasicBlock(cin, width, 1 if i == 0 else 2, norm))
             cin = width
         self.blocks = nn.Sequential(*blocks)
         self.dropout = nn.Dropout(0.1)
@@ -151,6 +166,7 @@ class TrainConfig:
     # > 0: train (and, via the exported metadata, run) on crops whose surroundings outside this centred
     # disc are painted with the plasma colour (edge.classifier.hide_context).
     context_radius: float = 0.0
+    norm: str = "batch"  # "group": GroupNorm instead of BatchNorm (robustness lever)
 
 
 @dataclass
@@ -220,6 +236,8 @@ def run_key(cfg: TrainConfig, data: PreparedData) -> str:
         del config["augment"]  # keeps the keys (and --resume) of runs made before the option existed
     if not config["context_radius"]:
         del config["context_radius"]
+    if config["norm"] == "batch":
+        del config["norm"]
     text = json.dumps({"cfg": config, "split": data.split_summary["sha256"],
                        "n": {k: len(v) for k, v in data.labels.items()}}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
@@ -231,7 +249,7 @@ def train(root: Path, cfg: TrainConfig, checkpoint_dir: Path, resume: bool = Fal
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     data = prepare_data(root, cfg)
-    model = BaselineCNN(len(data.classes), cfg.stem, cfg.widths).to(memory_format=torch.channels_last)
+    model = BaselineCNN(len(data.classes), cfg.stem, cfg.widths, cfg.norm).to(memory_format=torch.channels_last)
     train_x, train_y = data.images["train"], torch.from_numpy(data.labels["train"])
     val_x = hide_context(data.images["val"], cfg.context_radius) if cfg.context_radius else data.images["val"]
     steps_per_epoch = max(1, math.ceil(len(train_x) / cfg.batch_size))

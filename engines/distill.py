@@ -74,8 +74,14 @@ class DistillConfig:
     widths: tuple[int, ...] = (32, 64, 128, 192)
     exclude_classes: list[str] = field(default_factory=list)
     per_class_limit: int = 0
-    init: str = ""  # a baseline checkpoint (engines.baseline .pt) to start from, or "" = from scratch
+    init: str = ""  # a baseline checkpoint, or a student's weights.pt (body and heads), or "" = from scratch
     augment: str = "basic"  # or an engines.augment set (e.g. "strong-isolate"), applied before the flips/jitter
+    # Unlabelled white cells of other microscopes (engines.foreign cut) and the teacher's outputs on them
+    # (engines.latent label --foreign): KL + head regression on them, weight ``foreign_weight``, train frames only.
+    foreign_cells: str = ""
+    foreign_labels: str = ""
+    foreign_weight: float = 0.0
+    foreign_batch: int = 32
 
 
 PRESETS: dict[str, dict] = {
@@ -106,6 +112,26 @@ def teacher_targets(labels_path: Path, calib: dict, n_train: int, paths: list[st
     return {"has": has, "posterior": post, "uncertainty": unc, "anomaly": ano}
 
 
+def foreign_targets(cfg: DistillConfig, calib: dict) -> dict[str, np.ndarray] | None:
+    """Crops of the foreign training frames with the teacher's posterior and head targets on them."""
+    if not cfg.foreign_weight or not cfg.foreign_cells:
+        return None
+    from engines import foreign
+
+    cells = foreign.load(Path(cfg.foreign_cells))
+    lab = load_labels(Path(cfg.foreign_labels))
+    if len(lab["errors"]) != len(cells["crops"]):
+        raise SystemExit(f"{cfg.foreign_labels} does not belong to {cfg.foreign_cells}")
+    if [str(c) for c in lab["classes"]] != list(calib["classes"]):
+        raise SystemExit("the foreign labels come from a teacher with other classes")
+    keep = cells["split"] == "train"
+    summ = summarise(lab["errors"][keep], calib["tau"])
+    q = calib["squash"][calib["primary_anomaly"]]
+    anomaly = squash(summ[calib["primary_anomaly"]], q["q50"], q["q95"])
+    return {"crops": cells["crops"][keep], "posterior": summ["posterior"],
+            "heads": np.stack([summ["uncertainty"], anomaly], 1).astype(np.float32)}
+
+
 def train(root: Path, cfg: DistillConfig, labels_path: Path, calib_path: Path, out: Path, log=print) -> Path:
     """Distil with fixed seeds; one checkpoint per epoch (resumed when the config matches)."""
     torch.set_num_threads(cfg.threads)
@@ -118,11 +144,19 @@ def train(root: Path, cfg: DistillConfig, labels_path: Path, calib_path: Path, o
     x_train, y_train = data.images["train"], torch.from_numpy(data.labels["train"])
     tgt = teacher_targets(labels_path, calib, len(x_train), data.paths["train"])
     log(f"{len(x_train)} train crops, {int(tgt['has'].sum())} with teacher outputs")
+    far = foreign_targets(cfg, calib)
+    if far is not None:
+        log(f"{len(far['crops'])} foreign white cells (txl-pbc train frames) with teacher outputs, "
+            f"weight {cfg.foreign_weight}")
     model = Student(len(data.classes), cfg.stem, tuple(cfg.widths))
     if cfg.init:
         state = torch.load(cfg.init, map_location="cpu", weights_only=False)
-        model.body.load_state_dict(state.get("model", state))
-        log(f"initialised the body from {cfg.init}")
+        if state.get("architecture") == "Student":  # a shipped student's weights.pt: body and heads
+            model.load_state_dict(state["state_dict"])
+            log(f"initialised the whole student from {cfg.init}")
+        else:  # a baseline checkpoint (engines.baseline .pt or weights.pt): the body
+            model.body.load_state_dict(state.get("model", state.get("state_dict", state)))
+            log(f"initialised the body from {cfg.init}")
     model = model.to(memory_format=torch.channels_last)
     steps = max(1, math.ceil(len(x_train) / cfg.batch_size))
     optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -157,7 +191,19 @@ def train(root: Path, cfg: DistillConfig, labels_path: Path, calib_path: Path, o
             if cfg.augment != "basic":  # lab-to-lab variation (docs/robustness.md); same draws for a seed
                 batch = augment_batch(batch, cfg.augment, np.random.default_rng([cfg.seed, epoch, step]))
             x = normalise(augment(to_tensor(batch), gen), data.mean, data.std)
+            n_own = len(x)
+            if far is not None:  # one forward pass over both, so BatchNorm sees PBC and foreign cells together
+                fidx = torch.randint(0, len(far["crops"]), (cfg.foreign_batch,), generator=gen).numpy()
+                x = torch.cat([x, normalise(augment(to_tensor(far["crops"][fidx]), gen), data.mean, data.std)])
             logits, unc, ano = model(x.contiguous(memory_format=torch.channels_last))
+            foreign_loss = torch.zeros(())
+            if far is not None:
+                f_log_q = F.log_softmax(logits[n_own:], 1)
+                f_p = torch.from_numpy(far["posterior"][fidx])
+                f_kl = (f_p * (torch.log(f_p.clamp_min(1e-8)) - f_log_q)).sum(1).mean()
+                f_head = F.mse_loss(torch.stack([unc[n_own:], ano[n_own:]], 1), torch.from_numpy(far["heads"][fidx]))
+                foreign_loss = cfg.foreign_weight * (f_kl + cfg.head_weight * f_head)
+                logits, unc, ano = logits[:n_own], unc[:n_own], ano[:n_own]
             y = y_train[idx]
             ce = F.cross_entropy(logits, y)
             m = has[idx]
@@ -168,7 +214,7 @@ def train(root: Path, cfg: DistillConfig, labels_path: Path, calib_path: Path, o
                 p = post[idx][m]
                 kl = (p * (torch.log(p.clamp_min(1e-8)) - log_q)).sum(1).mean()
                 head = F.mse_loss(torch.stack([unc[m], ano[m]], 1), heads[idx][m])
-            loss = ce + cfg.kl_weight * kl + cfg.head_weight * head
+            loss = ce + cfg.kl_weight * kl + cfg.head_weight * head + foreign_loss
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
@@ -274,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exclude", action="append", choices=pbc.CLASSES)
     p.add_argument("--augment", choices=["basic", *PIPELINES], default="basic",
                    help="engines.augment set for lab-to-lab variation (default: none)")
+    p.add_argument("--foreign", nargs=2, metavar=("CELLS_NPZ", "LABELS_NPZ"), default=None,
+                   help="unlabelled foreign white cells and the teacher's outputs on them (docs/robustness.md)")
+    p.add_argument("--foreign-weight", type=float, default=1.0, help="weight of the foreign KL + head loss")
     e = sub.add_parser("export", help="export the student to ONNX with calibrated metadata")
     e.add_argument("--data", default=None)
     e.add_argument("--student", type=Path, required=True)
@@ -293,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
         overrides["epochs"] = args.epochs
     if args.kl_weight is not None:
         overrides["kl_weight"] = args.kl_weight
+    if args.foreign:
+        overrides.update(foreign_cells=str(args.foreign[0]), foreign_labels=str(args.foreign[1]),
+                         foreign_weight=args.foreign_weight)
     cfg = DistillConfig(**overrides, seed=args.seed, threads=args.threads, init=args.init,
                         exclude_classes=sorted(args.exclude or []), augment=args.augment)
     train(root, cfg, args.labels, args.calib, args.out)

@@ -115,7 +115,7 @@ class LatentDiffusionConfig:
     null_prob: float = 0.15
     low_t_frac: float = 0.7  # share of timesteps drawn from [0, low_t_max): where classification looks
     low_t_max: int = 600
-    widths: tuple[int, ...] = (64, 128, 160)
+    widths: tuple[int, ...] = (48, 96, 128)  # the pixel teacher's UNet: a like-for-like comparison
     augment: str = "strong"
     augment_share: float = 0.5  # share of each batch drawn through the augmentation (the rest clean PBC)
     seed: int = 0
@@ -361,21 +361,14 @@ def is_latent_teacher(path: Path) -> bool:
 
 
 # ------------------------------------------------------------------------------------------- labelling
-def label_split(teacher_path: Path, root: Path, split: str, out: Path, cfg, per_class: int = 0, chunk: int = 64,
-                threads: int = 2, all_of: tuple[str, ...] = (), log=print) -> Path:
-    """``engines.teacher.label_split`` for the latent teacher: same selection, same file, resumable."""
-    from engines.teacher import denoising_errors, select
+def label_array(teacher: LatentTeacher, images: np.ndarray, out: Path, cfg, extra: dict, chunk: int = 64,
+                log=print) -> Path:
+    """Score uint8 BGR 64 px crops with the latent teacher into ``out`` (engines.teacher's label-file format
+    plus ``extra`` arrays); resumable chunk by chunk from ``out``'s ``.partial.npz``."""
+    from engines.teacher import denoising_errors
 
-    torch.set_num_threads(threads)
-    teacher, state = load_latent_teacher(teacher_path)
-    data = prepare_data(root, TrainConfig())
-    labels_all = data.labels[split]
-    skip = tuple(i for i, c in enumerate(data.classes) if c not in state["classes"]) if split == "train" else ()
-    idx = select(labels_all, per_class, tuple(data.classes.index(c) for c in all_of), skip)
-    images, labels = data.images[split][idx], labels_all[idx]
-    paths = [data.paths[split][i] for i in idx]
-    errors = np.full((len(idx), teacher.num_classes + 1, len(cfg.timesteps)), np.nan, np.float32)
-    passes = np.zeros(len(idx), np.int64)
+    errors = np.full((len(images), teacher.num_classes + 1, len(cfg.timesteps)), np.nan, np.float32)
+    passes = np.zeros(len(images), np.int64)
     done, seconds = 0, 0.0
     out = Path(out)
     partial = out.with_suffix(".partial.npz")
@@ -384,11 +377,11 @@ def label_split(teacher_path: Path, root: Path, split: str, out: Path, cfg, per_
         if saved["errors"].shape == errors.shape and list(saved["timesteps"]) == list(cfg.timesteps):
             done, seconds = int(saved["done"]), float(saved["seconds"])
             errors[:done], passes[:done] = saved["errors"][:done], saved["passes"][:done]
-            log(f"resuming {out} at {done}/{len(idx)}")
-    log(f"labelling {split} with the latent teacher: {len(idx)} cells, K={len(cfg.timesteps)}, "
+            log(f"resuming {out} at {done}/{len(images)}")
+    log(f"labelling {len(images)} cells with the latent teacher: K={len(cfg.timesteps)}, "
         f"prune after {cfg.prune_after} keep {cfg.keep}")
     began = time.time()
-    while done < len(idx):
+    while done < len(images):
         t0 = time.perf_counter()
         z0 = encode(teacher.ae, images[done:done + chunk])
         err, n_pass = denoising_errors(teacher, z0, cfg)
@@ -399,22 +392,52 @@ def label_split(teacher_path: Path, root: Path, split: str, out: Path, cfg, per_
         tmp = partial.with_name(partial.name + ".tmp.npz")
         np.savez(tmp, errors=errors, passes=passes, done=done, seconds=seconds, timesteps=np.array(cfg.timesteps))
         tmp.replace(partial)
-        if done % (chunk * 8) == 0 or done == len(idx):
-            log(f"  {done}/{len(idx)} cells, {seconds / done * 1e3:.1f} ms/cell, {passes[:done].mean():.1f} "
+        if done % (chunk * 8) == 0 or done == len(images):
+            log(f"  {done}/{len(images)} cells, {seconds / done * 1e3:.1f} ms/cell, {passes[:done].mean():.1f} "
                 f"passes/cell ({(time.time() - began) / 60:.1f} min)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp.npz")
-    np.savez(tmp, errors=errors, passes=passes, labels=labels, index=idx, paths=np.array(paths),
-             classes=np.array(state["classes"]), data_classes=np.array(data.classes),
-             timesteps=np.array(cfg.timesteps), ms_per_cell=seconds / max(len(idx), 1) * 1e3,
-             config=json.dumps({"split": split, "per_class": per_class, "all_of": list(all_of),
-                                "teacher": str(teacher_path), "kind": "latent", "prune_after": cfg.prune_after,
-                                "keep": cfg.keep, "seed": cfg.seed, "disc_radius": cfg.disc_radius,
-                                "threads": threads, "chunk": chunk}))
+    np.savez(tmp, errors=errors, passes=passes, timesteps=np.array(cfg.timesteps),
+             ms_per_cell=seconds / max(len(images), 1) * 1e3, **extra)
     tmp.replace(out)
     partial.unlink(missing_ok=True)
     log(f"wrote {out}")
     return out
+
+
+def label_split(teacher_path: Path, root: Path, split: str, out: Path, cfg, per_class: int = 0, chunk: int = 64,
+                threads: int = 2, all_of: tuple[str, ...] = (), log=print) -> Path:
+    """``engines.teacher.label_split`` for the latent teacher: same selection, same file, resumable."""
+    from engines.teacher import select
+
+    torch.set_num_threads(threads)
+    teacher, state = load_latent_teacher(teacher_path)
+    data = prepare_data(root, TrainConfig())
+    labels_all = data.labels[split]
+    skip = tuple(i for i, c in enumerate(data.classes) if c not in state["classes"]) if split == "train" else ()
+    idx = select(labels_all, per_class, tuple(data.classes.index(c) for c in all_of), skip)
+    extra = {"labels": labels_all[idx], "index": idx, "paths": np.array([data.paths[split][i] for i in idx]),
+             "classes": np.array(state["classes"]), "data_classes": np.array(data.classes),
+             "config": json.dumps({"split": split, "per_class": per_class, "all_of": list(all_of),
+                                   "teacher": str(teacher_path), "kind": "latent", "prune_after": cfg.prune_after,
+                                   "keep": cfg.keep, "seed": cfg.seed, "disc_radius": cfg.disc_radius,
+                                   "threads": threads, "chunk": chunk})}
+    return label_array(teacher, data.images[split][idx], out, cfg, extra, chunk, log)
+
+
+def label_foreign(teacher_path: Path, cells_path: Path, out: Path, cfg, threads: int = 2, log=print) -> Path:
+    """The teacher on txl-pbc's unlabelled white cells (engines.foreign cut): its posterior there is what a
+    student can be distilled towards on microscopes it has no labels for."""
+    from engines import foreign
+
+    torch.set_num_threads(threads)
+    teacher, state = load_latent_teacher(teacher_path)
+    cells = foreign.load(cells_path)
+    extra = {"source": cells["source"], "split": cells["split"], "frame": cells["frame"],
+             "classes": np.array(state["classes"]),
+             "config": json.dumps({"cells": str(cells_path), "teacher": str(teacher_path), "kind": "latent",
+                                   "prune_after": cfg.prune_after, "keep": cfg.keep, "seed": cfg.seed})}
+    return label_array(teacher, cells["crops"], out, cfg, extra, log=log)
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -437,7 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     lab = sub.add_parser("label", help="score one split with the latent teacher (engines.teacher's file format)")
     lab.add_argument("--teacher", type=Path, required=True)
     lab.add_argument("--data", default=None)
-    lab.add_argument("--split", choices=pbc.SPLITS, required=True)
+    lab.add_argument("--split", choices=pbc.SPLITS, default=None, help="a split of the fixed PBC split, or:")
+    lab.add_argument("--foreign", type=Path, default=None, help="txl-pbc white cells (python -m engines.foreign cut)")
     lab.add_argument("--out", type=Path, required=True)
     lab.add_argument("--per-class", type=int, default=0, help="first N cells per class (0 = all)")
     lab.add_argument("--all-of", action="append", default=[], choices=pbc.CLASSES)
@@ -459,6 +483,11 @@ def main(argv: list[str] | None = None) -> int:
         k, per_class = (2, args.per_class or 4) if args.preset == "smoke" else (args.k, args.per_class)
         cfg = ScoreConfig(timesteps=tuple(default_timesteps(k)), seed=args.seed,
                           prune_after=0 if args.no_prune else args.prune_after, keep=args.keep)
+        if (args.split is None) == (args.foreign is None):
+            parser.error("label: give exactly one of --split and --foreign")
+        if args.foreign is not None:
+            label_foreign(args.teacher, args.foreign, args.out, cfg, threads=args.threads)
+            return 0
         label_split(args.teacher, root, args.split, args.out, cfg, per_class, threads=args.threads,
                     all_of=tuple(args.all_of))
         return 0

@@ -73,5 +73,18 @@ def test_smoke_chain_autoencoder_diffusion_label_calibrate_distil(tmp_path: Path
     assert json.loads((tmp_path / "calib.json").read_text())["tau"] > 0
     assert latent.main(["label", "--teacher", str(t_ckpt), "--split", "train", "--preset", "smoke",
                         "--out", str(train), "--threads", "1", "--prune-after", "1", "--keep", "2"]) == 0
+    # Unlabelled foreign white cells (as engines.foreign cut writes them): the teacher labels them and the
+    # student is distilled on them too; only train-frame cells are used.
+    cells = tmp_path / "foreign.npz"
+    np.savez(cells, crops=np.random.default_rng(0).integers(0, 255, (6, 64, 64, 3), dtype=np.uint8),
+             source=np.array(["bccd"] * 3 + ["raabin"] * 3), split=np.array(["train", "val"] * 3),
+             frame=np.arange(6))
+    foreign_labels = tmp_path / "foreign-labels.npz"
+    assert latent.main(["label", "--teacher", str(t_ckpt), "--foreign", str(cells), "--preset", "smoke",
+                        "--out", str(foreign_labels), "--threads", "1"]) == 0
+    assert teacher.load_labels(foreign_labels)["errors"].shape == (6, 9, 2)
     assert distill.main(["train", "--preset", "smoke", "--labels", str(train), "--calib",
-                         str(tmp_path / "calib.json"), "--out", str(tmp_path / "student.pt"), "--threads", "1"]) == 0
+                         str(tmp_path / "calib.json"), "--out", str(tmp_path / "student.pt"), "--threads", "1",
+                         "--foreign", str(cells), str(foreign_labels)]) == 0
+    state = torch.load(tmp_path / "student.pt", map_location="cpu", weights_only=False)
+    assert state["config"]["foreign_weight"] == 1.0 and len(state["history"]) == 2

@@ -34,11 +34,22 @@ WHITE = ("neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil")
 
 def teacher_scores(teacher: Path, crops: np.ndarray, timesteps: list[int], chunk: int = 32) -> tuple[np.ndarray, float]:
     """Denoising errors (N, C+1, K) with every class at every timestep (no pruning), and ms per cell."""
-    model, state = load_teacher(teacher)
+    from engines.latent import encode, is_latent_teacher, load_latent_teacher
+
+    if is_latent_teacher(teacher):  # the latent teacher (engines/latent.py) scores the encoded crop
+        model, _ = load_latent_teacher(teacher)
+
+        def space(batch: np.ndarray) -> torch.Tensor:
+            return encode(model.ae, batch)
+    else:
+        model, state = load_teacher(teacher)
+
+        def space(batch: np.ndarray) -> torch.Tensor:
+            return to_diffusion_space(batch, state["config"]["resolution"])
     cfg = ScoreConfig(timesteps=tuple(timesteps), prune_after=0)
     parts, began = [], time.perf_counter()
     for i in range(0, len(crops), chunk):
-        errors, _ = denoising_errors(model, to_diffusion_space(crops[i:i + chunk], state["config"]["resolution"]), cfg)
+        errors, _ = denoising_errors(model, space(crops[i:i + chunk]), cfg)
         parts.append(errors)
     return np.concatenate(parts), (time.perf_counter() - began) / max(len(crops), 1) * 1e3
 

@@ -1,0 +1,96 @@
+"""Lever ablation (issue 15): normalisation (BatchNorm vs GroupNorm) x augmentation (basic vs ``strong``:
+wide colour, optics and scale), each alone and combined, several seeds, short runs on a PBC subset.
+
+Short on purpose (a shared 2-core CPU): ``--per-class`` training crops per class, ``--epochs`` epochs, the
+baseline network and recipe (engines.baseline.train), so what differs between rows is the lever only.
+Every model is exported like a shipped one (ONNX, temperature on validation) and measured by
+``engines.experiments.levers.row``: selection figures (PBC validation, label-free leave-one-microscope-out
+on txl-pbc) and test figures (PBC test, tecom, cellavision-blog). Resumable: a finished run is skipped.
+
+    python -m engines.experiments.norm_augment --cells .cache/foreign/white64.npz \
+        --out engines/experiments/norm_augment.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from engines import evaluate, export, foreign, ood, pbc
+from engines.baseline import FIELD_UM, INPUT_SIZE, TrainConfig, prepare_data, train
+from engines.experiments.levers import row
+
+VARIANTS = {"bn+basic": ("batch", "basic"), "gn+basic": ("group", "basic"),
+            "bn+strong": ("batch", "strong"), "gn+strong": ("group", "strong")}
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Mean and sd over seeds of every number in the rows (nested one level for the domains)."""
+    def values(key: str, sub: str | None = None) -> list[float]:
+        return [r[key][sub] if sub else r[key] for r in runs]
+
+    out = {}
+    for key in ("pbc_val_balanced_accuracy", "pbc_test_balanced_accuracy", "lomo_mean_distance"):
+        v = values(key)
+        out[key] = [round(float(np.mean(v)), 4), round(float(np.std(v)), 4)]
+    for domain in ("tecom", "cellavision-blog"):
+        v = values(domain, "balanced_accuracy")
+        out[f"{domain}_balanced_accuracy"] = [round(float(np.mean(v)), 4), round(float(np.std(v)), 4)]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engines.experiments.norm_augment",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--cells", type=Path, required=True, help="python -m engines.foreign cut output")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--per-class", type=int, default=200)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--work", type=Path, default=pbc.REPO_ROOT / ".cache" / "levers")
+    args = parser.parse_args(argv)
+    root = pbc.data_dir(None)
+    full = prepare_data(root, TrainConfig())
+    cells = foreign.load(args.cells)
+    domains, _ = ood.domain_crops(pbc.CLASSES, FIELD_UM, INPUT_SIZE)
+    report = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    report.update({"per_class": args.per_class, "epochs": args.epochs, "seeds": args.seeds,
+                   "variants": {k: {"norm": n, "augment": a} for k, (n, a) in VARIANTS.items()}})
+    report.setdefault("runs", {})
+    for seed in range(args.seeds):  # seed-major: an interrupted run still has every variant at seed 0
+        for name in args.variants:
+            key = f"{name}/seed{seed}"
+            if key in report["runs"]:
+                continue
+            norm, augment = VARIANTS[name]
+            began = time.time()
+            cfg = TrainConfig(epochs=args.epochs, per_class_limit=args.per_class, norm=norm, augment=augment,
+                              seed=seed, threads=1)
+            model, data, _ = train(root, cfg, args.work / "checkpoints", resume=True, log=lambda *_: None)
+            folder = args.work / f"{name}-seed{seed}"
+            folder.mkdir(parents=True, exist_ok=True)
+            meta = export.make_metadata(name=f"lever-{name}", version=str(seed), classes=data.classes,
+                                        input_size=INPUT_SIZE, mean=data.mean, std=data.std, field_um=FIELD_UM,
+                                        kind="baseline")  # the subset's mean/std: what the network trained with
+            onnx_path = export.export_onnx(model, folder / "model.onnx", meta)
+            temperature = evaluate.fit_temperature(evaluate.onnx_logits(onnx_path, full.images["val"]),
+                                                   full.labels["val"])
+            export.write_metadata(onnx_path, export.replace(meta, temperature=round(temperature, 4)))
+            result = row(folder, full, cells, domains)
+            result["seconds"] = round(time.time() - began, 1)
+            report["runs"][key] = result
+            print(key, json.dumps(result), flush=True)
+            report["summary"] = {v: summarise([r for k, r in report["runs"].items() if k.startswith(v + "/")])
+                                 for v in VARIANTS if any(k.startswith(v + "/") for k in report["runs"])}
+            pbc.atomic_write_json(args.out, report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

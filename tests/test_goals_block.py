@@ -1,0 +1,33 @@
+"""Issue 15's goals block: figures come from the card, unmeasured goals are never 'met'."""
+
+from __future__ import annotations
+
+from engines.goals import goals, render
+
+
+def _card(**extra: object) -> dict:
+    return {"model": {"name": "student-x"}, "evaluation": {"student": {"balanced_accuracy": 0.98, "ece": 0.05}},
+            **extra}
+
+
+def test_missing_measurements_are_not_counted_as_met() -> None:
+    rows = {r["goal"]: r for r in goals(_card(), None)}
+    assert rows["PBC test balanced accuracy ≥ 0.975"]["met"] is True
+    assert rows["ECE ≤ 0.03 (PBC test)"]["met"] is False and rows["ECE ≤ 0.03 (PBC test)"]["gap"] == 0.02
+    unmeasured = [r for r in rows.values() if r["measured"] is None]
+    assert unmeasured and all(r["met"] is None for r in unmeasured)
+    text = render(list(rows.values()), ["tried"])
+    assert "not measured" in text and "| **no** |" in text
+
+
+def test_adaptation_and_teacher_figures_are_read_from_their_results() -> None:
+    adaptation = {"domains": {"tecom": {"results": [
+        {"n_labels": 50, "method": "bn+all+replay",
+         "mean_sd": {"balanced_accuracy": [0.93, 0.01], "pbc_balanced_accuracy": [0.96, 0.01]}}]}}}
+    teacher = {"test": {"balanced_accuracy": 0.96, "n": 320},
+               "students": {"student-x": {"teacher_student_top1": 0.5}}}
+    rows = {r["goal"]: r for r in goals(_card(adaptation=adaptation), teacher)}
+    assert rows["tecom ≥ 0.92 with 50 site labels (cytoedge adapt)"]["met"] is True
+    assert rows["PBC ≥ 0.97 after adapting to tecom"]["met"] is False
+    assert rows["teacher PBC balanced accuracy ≥ 0.95"]["met"] is True
+    assert rows["teacher–student agreement ≥ 97%"]["measured"] == 0.5
