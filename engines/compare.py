@@ -560,7 +560,8 @@ def main(argv: list[str] | None = None) -> int:
         "limitations": [*evaluate.LIMITATIONS[:2], *evaluate.LIMITATIONS[3:],
                         "The uncertainty/anomaly heads copy a teacher that was trained for minutes on a CPU; "
                         "their AUROC for unseen cell types is measured for one held-out class only.",
-                        "Domain shift (BCCD, wbc-shift) was not measured for this model."],
+                        "Domain shift: see the \"Other microscopes\" block "
+                        "(python -m engines.evaluate DIR --ood-only --write)."],
     }
     model_card.save(Path(args.student), card, render_card_md(card))
     print(f"wrote {args.student}/card.json and card.md")

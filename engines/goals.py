@@ -1,7 +1,7 @@
 """Issue 15's goals against what a model's card measured: a marked block of card.md, every figure read from
 card.json (and the teacher's results file), none typed in.
 
-    python -m engines.goals engines/models/student-v1 --teacher engines/experiments/latent_teacher.json
+    python -m engines.goals engines/models/student-v1 --teacher engines/experiments/results/latent_teacher.json
 
 Sources: ``evaluation`` (engines.compare, PBC test split), ``out_of_domain`` and ``adaptation`` (engines.evaluate
 --ood --adapt), ``held_back`` (engines.heldback), and the teacher's measurements. A goal without a measurement

@@ -23,7 +23,7 @@ nice -n 19 python -m engines.latent label --teacher $T --foreign .cache/foreign/
 # as engines.ood, next to the pixel teacher's figures in the student-v1 card.
 python -m engines.experiments.latent_teacher --teacher $T --test .cache/latent/teacher-test.npz \
     --calib .cache/latent/teacher-calib.json --students engines/models/student-v1 \
-    --out engines/experiments/latent_teacher.json
-nice -n 19 python -m engines.ood_teacher --teacher $T --calib .cache/latent/teacher-calib.json \
+    --out engines/experiments/results/latent_teacher.json
+nice -n 19 python -m engines.experiments.ood_teacher --teacher $T --calib .cache/latent/teacher-calib.json \
     --pbc-errors .cache/latent/teacher-test.npz --models engines/models/student-v1/model.onnx \
-    --out engines/experiments/latent_teacher_ood.json
+    --out engines/experiments/results/latent_teacher_ood.json

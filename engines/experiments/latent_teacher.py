@@ -3,7 +3,7 @@ with each student, and its validation calibration (pruning study included).
 
     python -m engines.experiments.latent_teacher --teacher .cache/latent/teacher.pt \
         --test .cache/latent/teacher-test.npz --calib .cache/latent/teacher-calib.json \
-        --students engines/models/student-v1 --out engines/experiments/latent_teacher.json
+        --students engines/models/student-v1 --out engines/experiments/results/latent_teacher.json
 
 Figures come from the saved denoising errors (computed once by ``engines.latent label``); the training
 curve and budget from the checkpoint. Nothing is hard-coded.

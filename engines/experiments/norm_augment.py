@@ -8,7 +8,7 @@ Every model is exported like a shipped one (ONNX, temperature on validation) and
 on txl-pbc) and test figures (PBC test, tecom, cellavision-blog). Resumable: a finished run is skipped.
 
     python -m engines.experiments.norm_augment --cells .cache/foreign/white64.npz \
-        --out engines/experiments/norm_augment.json
+        --out engines/experiments/results/norm_augment.json
 """
 
 from __future__ import annotations
