@@ -13,7 +13,7 @@ cells from microscopes other than PBC's, used here (never as ground truth) for
 Scale, as the runtime must find it at a new microscope: a red cell is about 7.5 µm, so each source's
 µm/px is 7.5 µm over the median side of its frames' red-cell boxes (boxes of whole, isolated red cells
 dominate the median; touching the frame edge excluded). Each white cell is then cut at the model's
-field around its box centre exactly as the runtime cuts a found cell (``edge.cellfinder.cut_crops``).
+field around its box centre exactly as the runtime cuts a found cell (``edge.crops.cut_crops``).
 
     python -m engines.foreign cut --out .cache/foreign/white64.npz       # crops + source + frame, all splits
     python -m engines.foreign spread --cells .cache/foreign/white64.npz engines/models/student-v1/model.onnx
@@ -30,7 +30,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from edge.cellfinder import cut_crops
+from edge.crops import cut_crops
 from engines import pbc
 
 RED_CELL_UM = 7.5
