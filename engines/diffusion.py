@@ -236,6 +236,33 @@ def sample_timesteps(n: int, cfg: DiffusionConfig, gen: torch.Generator) -> torc
     return torch.where(torch.rand(n, generator=gen) < cfg.low_t_frac, low, full)
 
 
+def denoising_step(model: nn.Module, ema: nn.Module, optimiser: torch.optim.Optimizer, x0: torch.Tensor,
+                   labels: torch.Tensor, num_classes: int, cfg, step: int, alpha_bar: torch.Tensor,
+                   gen: torch.Generator) -> torch.Tensor:
+    """One training step of a class-conditional denoiser and its EMA copy, for the pixel teacher and the
+    latent one (engines/latent.py) alike: the class is dropped with ``cfg.null_prob`` (so one network also
+    predicts with no class), timesteps as :func:`sample_timesteps`, epsilon loss, warm-up, clipped step.
+    ``cfg`` needs null_prob, low_t_max, low_t_frac, lr, warmup and ema. Returns the loss."""
+    y = labels.clone()
+    y[torch.rand(len(y), generator=gen) < cfg.null_prob] = num_classes
+    t = sample_timesteps(len(y), cfg, gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    loss = F.mse_loss(model(q_sample(x0, t, noise, alpha_bar), t, y), noise)
+    for group in optimiser.param_groups:
+        group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimiser.step()
+    with torch.no_grad():
+        decay = min(cfg.ema, (1 + step) / (10 + step))
+        for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
+            pe.lerp_(pm, 1 - decay)
+        for be, bm in zip(ema.buffers(), model.buffers(), strict=True):
+            be.copy_(bm)
+    return loss
+
+
 def build_model(cfg: DiffusionConfig, num_classes: int) -> UNet:
     return UNet(num_classes, tuple(cfg.widths))
 
@@ -320,23 +347,7 @@ def train(root: Path, cfg: DiffusionConfig, out: Path, resume: bool = True, log=
             x0 = dihedral(to_diffusion_space(batch, cfg.resolution), gen)
         else:
             x0 = dihedral(x_all[idx], gen)
-        y = y_all[idx].clone()
-        y[torch.rand(len(y), generator=gen) < cfg.null_prob] = num_classes
-        t = sample_timesteps(len(y), cfg, gen)
-        noise = torch.randn(x0.shape, generator=gen)
-        loss = F.mse_loss(model(q_sample(x0, t, noise, alpha_bar), t, y), noise)
-        for group in optimiser.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimiser.step()
-        with torch.no_grad():
-            decay = min(cfg.ema, (1 + step) / (10 + step))
-            for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
-                pe.lerp_(pm, 1 - decay)
-            for be, bm in zip(ema.buffers(), model.buffers(), strict=True):
-                be.copy_(bm)
+        loss = denoising_step(model, ema, optimiser, x0, y_all[idx], num_classes, cfg, step, alpha_bar, gen)
         step += 1
         elapsed += time.time() - t0
         window_loss += loss.item()

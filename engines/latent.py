@@ -43,8 +43,8 @@ from engines.diffusion import (
     UNet,
     cosine_alpha_bar,
     count_params,
+    denoising_step,
     dihedral,
-    q_sample,
     save_checkpoint,
     to_diffusion_space,
     unet_macs,
@@ -299,23 +299,7 @@ def train_diffusion(root: Path, cfg: LatentDiffusionConfig, ae_path: Path, out: 
         batch = _augmented(train[idx.numpy()], cfg.augment, cfg.augment_share, np.random.default_rng([cfg.seed, step]))
         with torch.no_grad():
             z0 = ae.encode(dihedral(to_diffusion_space(batch, RESOLUTION), gen))
-        y = labels[idx].clone()
-        y[torch.rand(len(y), generator=gen) < cfg.null_prob] = num_classes
-        low = torch.randint(0, cfg.low_t_max, (len(y),), generator=gen)
-        full = torch.randint(0, 1000, (len(y),), generator=gen)
-        t = torch.where(torch.rand(len(y), generator=gen) < cfg.low_t_frac, low, full)
-        noise = torch.randn(z0.shape, generator=gen)
-        loss = F.mse_loss(model(q_sample(z0, t, noise, alpha_bar), t, y), noise)
-        for group in optimiser.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimiser.step()
-        with torch.no_grad():
-            decay = min(cfg.ema, (1 + step) / (10 + step))
-            for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
-                pe.lerp_(pm, 1 - decay)
+        loss = denoising_step(model, ema, optimiser, z0, labels[idx], num_classes, cfg, step, alpha_bar, gen)
         step += 1
         elapsed += time.time() - t0
         window.append(loss.item())
@@ -365,44 +349,11 @@ def label_array(teacher: LatentTeacher, images: np.ndarray, out: Path, cfg, extr
                 log=print) -> Path:
     """Score uint8 BGR 64 px crops with the latent teacher into ``out`` (engines.teacher's label-file format
     plus ``extra`` arrays); resumable chunk by chunk from ``out``'s ``.partial.npz``."""
-    from engines.teacher import denoising_errors
+    from engines.teacher import label_crops
 
-    errors = np.full((len(images), teacher.num_classes + 1, len(cfg.timesteps)), np.nan, np.float32)
-    passes = np.zeros(len(images), np.int64)
-    done, seconds = 0, 0.0
-    out = Path(out)
-    partial = out.with_suffix(".partial.npz")
-    if partial.is_file():
-        saved = np.load(partial)
-        if saved["errors"].shape == errors.shape and list(saved["timesteps"]) == list(cfg.timesteps):
-            done, seconds = int(saved["done"]), float(saved["seconds"])
-            errors[:done], passes[:done] = saved["errors"][:done], saved["passes"][:done]
-            log(f"resuming {out} at {done}/{len(images)}")
     log(f"labelling {len(images)} cells with the latent teacher: K={len(cfg.timesteps)}, "
         f"prune after {cfg.prune_after} keep {cfg.keep}")
-    began = time.time()
-    while done < len(images):
-        t0 = time.perf_counter()
-        z0 = encode(teacher.ae, images[done:done + chunk])
-        err, n_pass = denoising_errors(teacher, z0, cfg)
-        errors[done:done + len(z0)] = err
-        passes[done:done + len(z0)] = n_pass // len(z0)
-        seconds += time.perf_counter() - t0
-        done += len(z0)
-        tmp = partial.with_name(partial.name + ".tmp.npz")
-        np.savez(tmp, errors=errors, passes=passes, done=done, seconds=seconds, timesteps=np.array(cfg.timesteps))
-        tmp.replace(partial)
-        if done % (chunk * 8) == 0 or done == len(images):
-            log(f"  {done}/{len(images)} cells, {seconds / done * 1e3:.1f} ms/cell, {passes[:done].mean():.1f} "
-                f"passes/cell ({(time.time() - began) / 60:.1f} min)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.npz")
-    np.savez(tmp, errors=errors, passes=passes, timesteps=np.array(cfg.timesteps),
-             ms_per_cell=seconds / max(len(images), 1) * 1e3, **extra)
-    tmp.replace(out)
-    partial.unlink(missing_ok=True)
-    log(f"wrote {out}")
-    return out
+    return label_crops(teacher, images, lambda crops: encode(teacher.ae, crops), out, cfg, extra, chunk, log)
 
 
 def label_split(teacher_path: Path, root: Path, split: str, out: Path, cfg, per_class: int = 0, chunk: int = 64,

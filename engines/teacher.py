@@ -153,6 +153,48 @@ def select(labels: np.ndarray, per_class: int, keep_all: tuple[int, ...] = (),
     return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)
 
 
+def label_crops(model: torch.nn.Module, images: np.ndarray, to_input, out: Path, cfg: ScoreConfig, extra: dict,
+                chunk: int = 32, log=print) -> Path:
+    """Score uint8 BGR crops with a diffusion teacher into ``out``: per cell its errors and passes, plus the
+    ``extra`` arrays (labels, paths, config, ...). ``to_input`` turns a chunk of crops into what ``model``
+    denoises (pixel space for the pixel teacher, the encoder's latent for the latent one). Resumable chunk
+    by chunk from ``out``'s ``.partial.npz``; both files are written then renamed."""
+    errors = np.full((len(images), model.num_classes + 1, len(cfg.timesteps)), np.nan, np.float32)
+    passes = np.zeros(len(images), np.int64)
+    done, seconds = 0, 0.0
+    out = Path(out)
+    partial = out.with_suffix(".partial.npz")
+    if partial.is_file():
+        saved = np.load(partial)
+        if saved["errors"].shape == errors.shape and list(saved["timesteps"]) == list(cfg.timesteps):
+            done, seconds = int(saved["done"]), float(saved["seconds"])
+            errors[:done], passes[:done] = saved["errors"][:done], saved["passes"][:done]
+            log(f"resuming {out} at {done}/{len(images)}")
+    began = time.time()
+    while done < len(images):
+        t0 = time.perf_counter()
+        x0 = to_input(images[done:done + chunk])
+        err, n_pass = denoising_errors(model, x0, cfg)
+        errors[done:done + len(x0)] = err
+        passes[done:done + len(x0)] = n_pass // len(x0)
+        seconds += time.perf_counter() - t0
+        done += len(x0)
+        tmp = partial.with_name(partial.name + ".tmp.npz")
+        np.savez(tmp, errors=errors, passes=passes, done=done, seconds=seconds, timesteps=np.array(cfg.timesteps))
+        tmp.replace(partial)
+        if done % (chunk * 8) == 0 or done == len(images):
+            log(f"  {done}/{len(images)} cells, {seconds / done * 1e3:.1f} ms/cell, {passes[:done].mean():.1f} "
+                f"passes/cell ({(time.time() - began) / 60:.1f} min)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp.npz")
+    np.savez(tmp, errors=errors, passes=passes, timesteps=np.array(cfg.timesteps),
+             ms_per_cell=seconds / max(len(images), 1) * 1e3, **extra)
+    tmp.replace(out)
+    partial.unlink(missing_ok=True)
+    log(f"wrote {out}")
+    return out
+
+
 def label_split(teacher_path: Path, root: Path, split: str, out: Path, cfg: ScoreConfig, per_class: int = 0,
                 chunk: int = 32, threads: int = 2, all_of: tuple[str, ...] = (), log=print) -> Path:
     """Run the teacher over one split of the fixed split (all 8 classes' cells, also those a held-out
@@ -165,47 +207,16 @@ def label_split(teacher_path: Path, root: Path, split: str, out: Path, cfg: Scor
     # Training cells of a class the teacher never saw are useless to its student: skip them.
     skip = tuple(i for i, c in enumerate(data.classes) if c not in state["classes"]) if split == "train" else ()
     idx = select(labels_all, per_class, tuple(data.classes.index(c) for c in all_of), skip)
-    images = data.images[split][idx]
-    labels = labels_all[idx]
-    paths = [data.paths[split][i] for i in idx]
-    errors = np.full((len(idx), model.num_classes + 1, len(cfg.timesteps)), np.nan, np.float32)
-    passes = np.zeros(len(idx), np.int64)
-    done, seconds = 0, 0.0
-    out = Path(out)
-    partial = out.with_suffix(".partial.npz")
-    if partial.is_file():
-        saved = np.load(partial)
-        if saved["errors"].shape == errors.shape and list(saved["timesteps"]) == list(cfg.timesteps):
-            done, seconds = int(saved["done"]), float(saved["seconds"])
-            errors[:done], passes[:done] = saved["errors"][:done], saved["passes"][:done]
-            log(f"resuming {out} at {done}/{len(idx)}")
     log(f"labelling {split}: {len(idx)} cells, K={len(cfg.timesteps)} {list(cfg.timesteps)}, "
         f"prune after {cfg.prune_after} keep {cfg.keep}, teacher classes {state['classes']}")
-    began = time.time()
-    while done < len(idx):
-        t0 = time.perf_counter()
-        x0 = to_diffusion_space(images[done:done + chunk], resolution)
-        err, n_pass = denoising_errors(model, x0, cfg)
-        errors[done:done + len(x0)] = err
-        passes[done:done + len(x0)] = n_pass // len(x0)
-        seconds += time.perf_counter() - t0
-        done += len(x0)
-        np.savez(partial, errors=errors, passes=passes, done=done, seconds=seconds,
-                 timesteps=np.array(cfg.timesteps))
-        if done % (chunk * 8) == 0 or done == len(idx):
-            log(f"  {done}/{len(idx)} cells, {seconds / done * 1e3:.0f} ms/cell, "
-                f"{passes[:done].mean():.1f} passes/cell ({(time.time() - began) / 60:.1f} min)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, errors=errors, passes=passes, labels=labels, index=idx, paths=np.array(paths),
-             classes=np.array(state["classes"]), data_classes=np.array(data.classes),
-             timesteps=np.array(cfg.timesteps), ms_per_cell=seconds / max(len(idx), 1) * 1e3,
-             config=json.dumps({"split": split, "per_class": per_class, "all_of": list(all_of),
-                               "teacher": str(teacher_path),
-                               "prune_after": cfg.prune_after, "keep": cfg.keep, "seed": cfg.seed,
-                               "disc_radius": cfg.disc_radius, "threads": threads, "chunk": chunk}))
-    partial.unlink(missing_ok=True)
-    log(f"wrote {out}")
-    return out
+    extra = {"labels": labels_all[idx], "index": idx, "paths": np.array([data.paths[split][i] for i in idx]),
+             "classes": np.array(state["classes"]), "data_classes": np.array(data.classes),
+             "config": json.dumps({"split": split, "per_class": per_class, "all_of": list(all_of),
+                                   "teacher": str(teacher_path),
+                                   "prune_after": cfg.prune_after, "keep": cfg.keep, "seed": cfg.seed,
+                                   "disc_radius": cfg.disc_radius, "threads": threads, "chunk": chunk})}
+    return label_crops(model, data.images[split][idx], lambda crops: to_diffusion_space(crops, resolution), out,
+                       cfg, extra, chunk, log)
 
 
 def load_labels(path: Path) -> dict:
