@@ -19,7 +19,6 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -29,26 +28,15 @@ from edge.calibrate import CalibrationError, estimate_um_per_px, fit_quality
 from edge.cellfinder import FinderParams, find_cells
 from edge.quality import assess
 from edge.sitefit import fit_finder
-from engines.finder.bccd import match, write_block
+from engines.finder.bccd import Tally, match, write_block
 from engines.finder.data import SOURCES, Frame, available, frames
 from engines.finder.scale import true_um_per_px
 
 MACHINE = "2-core x86_64 VM, no GPU"
 
 
-@dataclass
-class Score:
-    tp: dict[str, int] = field(default_factory=lambda: {"wbc": 0, "platelet": 0, "rbc": 0})
-    found: dict[str, int] = field(default_factory=lambda: {"wbc": 0, "platelet": 0, "rbc": 0})
-    truth: dict[str, int] = field(default_factory=lambda: {"wbc": 0, "platelet": 0, "rbc": 0})
-    frames: int = 0
-    ms: list[float] = field(default_factory=list)
-
-    def recall(self, kind: str) -> float:
-        return self.tp[kind] / self.truth[kind] if self.truth[kind] else float("nan")
-
-    def precision(self, kind: str) -> float:
-        return self.tp[kind] / self.found[kind] if self.found[kind] else float("nan")
+class Score(Tally):
+    """``Tally`` plus the red-cell count check (TXL-PBC boxes every red cell)."""
 
     def count_ratio(self, kind: str) -> float:
         return self.found[kind] / self.truth[kind] if self.truth[kind] else float("nan")
