@@ -111,6 +111,11 @@ RULES: dict[str, dict[str, Rule]] = {
         "backend": _choice("onnxruntime", "tensorrt"),
         "threads": Rule(int, "an integer from 1 to 64", lambda v: 1 <= v <= 64),
     },
+    "detector": {
+        "method": _choice("classic", "learned"),
+        "model": Rule(str, "a path to a detector ONNX file (empty = the bundled engines/models/detector-v1)"),
+        "threads": Rule(int, "an integer from 1 to 64", lambda v: 1 <= v <= 64),
+    },
     "tensorrt": {
         "engine_dir": Rule(str, "a folder (empty = $CYTOEDGE_STATE_DIR/engines, else ~/.cache/cytoedge/engines)"),
         "precision": _choice("fp32", "fp16", "int8"),

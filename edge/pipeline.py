@@ -28,11 +28,12 @@ import numpy as np
 from edge.analysis import cells_from, crops_for, label_cells
 from edge.annotate import preview_jpeg, thumb_jpeg
 from edge.audit import AuditLog
-from edge.cellfinder import Detection, FinderParams, find_cells
+from edge.cellfinder import Detection
 from edge.cells import CLASSIFIED_KINDS, Cell
 from edge.classifier import Classifier, Predictions
 from edge.config import Config
 from edge.drift import ALARM_TEXT, DomainAlarm, features
+from edge.finders import FindFn, configured_finder
 from edge.framequeue import FrameQueue
 from edge.frames import Frame
 from edge.messages import (
@@ -87,7 +88,7 @@ class Settings:
     """The parts of the config the loop reads on every frame, resolved once."""
 
     um_per_px: float
-    finder: FinderParams
+    find: FindFn  # the configured cell finder (edge.finders)
     review_uncertainty: float
     review_anomaly: float
     status_interval_s: float
@@ -102,7 +103,7 @@ class Settings:
     def from_config(cls, config: Config) -> Settings:
         return cls(
             um_per_px=config["microscope"]["um_per_px"],
-            finder=FinderParams(**config["finder"]),
+            find=configured_finder(config),
             review_uncertainty=config["review"]["uncertainty"],
             review_anomaly=config["review"]["anomaly"],
             status_interval_s=config["publish"]["status_interval_s"],
@@ -343,7 +344,7 @@ class Pipeline:
         gated = time.monotonic()
         found.gate_ms = (gated - started) * 1000.0
         if problem is None:
-            detections = find_cells(frame.image, settings.um_per_px, settings.finder)
+            detections = settings.find(frame.image, settings.um_per_px)
             problem = check_cells(detections) if settings.quality.enabled else None
         detected = time.monotonic()
         found.finder_ms = (detected - gated) * 1000.0

@@ -19,8 +19,8 @@ import cv2
 import numpy as np
 
 from edge.analysis import CLASSIFIED_KINDS
-from edge.cellfinder import FinderParams, find_cells
 from edge.crops import cut_crops
+from edge.finders import FindFn
 
 
 @dataclass
@@ -99,7 +99,7 @@ def read_reviews(folders: Iterable[Path], classes: list[str], size: int) -> Revi
 def crops_from_frames(
     sources: Iterable[Path],
     um_per_px: float,
-    finder: FinderParams,
+    find: FindFn,
     field_um: float,
     size: int,
     max_crops: int = 5000,
@@ -119,7 +119,7 @@ def crops_from_frames(
         for frame in source.frames(stop):
             frames += 1
             try:
-                found = [d for d in find_cells(frame.image, um_per_px, finder) if d.kind in CLASSIFIED_KINDS]
+                found = [d for d in find(frame.image, um_per_px) if d.kind in CLASSIFIED_KINDS]
             except (cv2.error, ValueError):
                 skipped["frame the cell finder could not read"] += 1
                 continue

@@ -43,8 +43,8 @@ def main(args: argparse.Namespace) -> int:
     import numpy as np
 
     from edge import config as cfg
-    from edge.cellfinder import FinderParams
     from edge.errors import CytoedgeError, ModelError
+    from edge.finders import configured_finder
     from edge.models import resolve_model_path
     from edge.modelstore import ModelStore, store_dir
     from edge.onnx_backend import OnnxRuntimeClassifier
@@ -68,7 +68,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         reviewed = read_reviews([Path(p) for p in args.reviews], meta.classes, meta.input_size)
         unlabelled = crops_from_frames([Path(p) for p in args.frames], config["microscope"]["um_per_px"],
-                                       FinderParams(**config["finder"]), meta.field_um, meta.input_size)
+                                       configured_finder(config), meta.field_um, meta.input_size)
     except FileNotFoundError as exc:
         raise CytoedgeError(str(exc)) from None
     print(f"{len(reviewed.labels)} reviewed cells from {reviewed.sessions} session file(s), "

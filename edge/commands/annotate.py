@@ -11,9 +11,9 @@ import cv2
 from edge import config as cfg
 from edge.analysis import classify_detections
 from edge.annotate import annotate
-from edge.cellfinder import FinderParams, find_cells
 from edge.errors import SourceError
 from edge.fileutil import atomic_write_bytes
+from edge.finders import configured_finder
 from edge.frames import BadImage, read_image
 from edge.messages import cell_record
 from edge.models import open_configured_classifier
@@ -29,7 +29,7 @@ def main(args: argparse.Namespace) -> int:
     except BadImage as exc:
         raise SourceError(str(exc)) from None
     um_per_px = config["microscope"]["um_per_px"]
-    detections = find_cells(image, um_per_px, FinderParams(**config["finder"]))
+    detections = configured_finder(config)(image, um_per_px)
     cells = classify_detections(
         image, detections, classifier, um_per_px, config["review"]["uncertainty"], config["review"]["anomaly"]
     )

@@ -19,13 +19,14 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from edge.calibrate import CalibrationError, estimate_um_per_px, fit_quality
-from edge.cellfinder import FinderParams, find_cells
+from edge.cellfinder import Detection, FinderParams, find_cells
 from edge.quality import assess
 from edge.sitefit import fit_finder
 from engines.finder.bccd import Tally, match, write_block
@@ -42,7 +43,16 @@ class Score(Tally):
         return self.found[kind] / self.truth[kind] if self.truth[kind] else float("nan")
 
 
-def score(test: list[Frame], um_per_px: float, params: FinderParams) -> Score:
+FindFn = Callable[[np.ndarray, float], list[Detection]]
+
+
+def classic(params: FinderParams) -> FindFn:
+    return lambda image, um_per_px: find_cells(image, um_per_px, params)
+
+
+def score(test: list[Frame], um_per_px: float, params: FinderParams | FindFn) -> Score:
+    """Match what the finder (classic parameters, or any finder function) finds to the test boxes."""
+    find = classic(params) if isinstance(params, FinderParams) else params
     total = Score()
     for frame in test:
         image = cv2.imread(str(frame.image))
@@ -50,7 +60,7 @@ def score(test: list[Frame], um_per_px: float, params: FinderParams) -> Score:
             continue
         truth = frame.boxes((image.shape[1], image.shape[0]))
         start = time.perf_counter()
-        found = find_cells(image, um_per_px, params)
+        found = find(image, um_per_px)
         total.ms.append((time.perf_counter() - start) * 1000)
         total.frames += 1
         for kind in total.tp:
@@ -120,6 +130,33 @@ def row(source: str, scale: float | None, s: Score | None, loo: Score | None, no
             f"| {held_out} | {np.mean(s.ms):.1f} | {gate} |")
 
 
+DETECTOR = Path(__file__).resolve().parents[1] / "models" / "detector-v1" / "model.onnx"
+
+
+def learned(path: Path) -> FindFn | None:
+    """The learned finder in ``path`` (None when it is not built)."""
+    from edge.learnedfinder import LearnedFinder
+
+    return LearnedFinder(path).find if path.is_file() else None
+
+
+def learned_row(source: str, scale: float | None, s: Score | None, loo: Score | None) -> str:
+    if s is None or scale is None:
+        return f"| {source} | — | | | | | |"
+    held_out = "—" if loo is None else (f"{loo.recall('wbc'):.3f} / {loo.precision('wbc'):.3f} / "
+                                        f"{loo.recall('platelet'):.3f}")
+    return (f"| {source} | {s.frames} | {s.recall('wbc'):.3f} ({s.tp['wbc']}/{s.truth['wbc']}) "
+            f"| {s.precision('wbc'):.3f} ({s.tp['wbc']}/{s.found['wbc']}) "
+            f"| {s.recall('platelet'):.3f} ({s.tp['platelet']}/{s.truth['platelet']}) "
+            f"| {s.count_ratio('rbc'):.2f} ({s.found['rbc']}/{s.truth['rbc']}) "
+            f"| {held_out} | {np.mean(s.ms):.1f} |")
+
+
+LEARNED_HEAD = ("| source | test frames | WBC recall | WBC precision | platelet recall | red cells found / boxed "
+                "| leave-one-microscope-out: WBC recall / precision / platelet recall | finder ms/frame |\n"
+                "|---|---|---|---|---|---|---|---|")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="Markdown file whose eval block is replaced with the table")
@@ -136,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
             "| finder ms/frame | frames refused by the gate: default / site-fitted |\n"
             "|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
+    shipped = learned(DETECTOR)
+    learned_lines = [LEARNED_HEAD]
     for source in args.sources:
         scale, s, note = run(source, args.frames_for_scale, FinderParams())
         held_out = loo_params(source)
@@ -145,10 +184,19 @@ def main(argv: list[str] | None = None) -> int:
         truth, _cells = true_um_per_px(frames(source))
         lines.append(row(source, scale, s, loo, note, truth, quality_rejections(source)))
         print(lines[-1], flush=True)
+        if shipped is not None and scale is not None:
+            test = [f for f in frames(source) if f.split == "test"]
+            without = learned(LOO_DIR / f"detector-without-{MICROSCOPE[source]}.onnx")
+            learned_lines.append(learned_row(source, scale, score(test, scale, shipped),
+                                             score(test, scale, without) if without else None))
+            print(learned_lines[-1], flush=True)
     machine = f"{MACHINE} ({platform.machine()}, {os.cpu_count()} CPUs, OpenCV {cv2.__version__}, one thread)"
     block = "\n".join(lines) + f"\n\nMeasured by `python -m engines.finder.bench` on a {machine}."
+    learned_block = "\n".join(learned_lines) + f"\n\nMeasured by `python -m engines.finder.bench` on a {machine}."
     if args.out:
         write_block(Path(args.out), block, "<!-- bench:begin -->", "<!-- bench:end -->")
+        if shipped is not None:
+            write_block(Path(args.out), learned_block, "<!-- bench-learned:begin -->", "<!-- bench-learned:end -->")
     return 0
 
 

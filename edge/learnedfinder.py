@@ -1,0 +1,178 @@
+"""Learned cell finder: a small heat-map detector (CenterNet-style) run by ONNX Runtime.
+
+The network sees the frame at a fixed physical scale (``work_um_per_px``) as optical density
+relative to the frame's own plasma colour, so lamp, white balance and camera gain drop out before
+it sees anything; the rest of a new microscope (stain hue, focus) is what its training
+augmentations cover. It predicts, per class (white cell, red cell, platelet), a heat map of cell
+centres at 1/``stride`` resolution, each centre's sub-pixel offset and its box size in micrometres.
+Decoding keeps local maxima above a per-class threshold (fitted on validation frames, stored in
+the model). It returns the same ``Detection`` list as the classic finder, so everything
+downstream is shared. Training and export: ``engines/detector/`` (``docs/cellfinder.md``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from edge.cellfinder import Detection, _check_scale, _clip_box
+from edge.crops import as_bgr
+from edge.errors import ModelError
+
+METADATA_KEY = "cytoedge.detector"
+FORMAT = "cytoedge-detector/1"
+CLASSES = ("wbc", "rbc", "platelet")
+MAX_PEAKS = 400  # most centres decoded per class and frame
+
+
+@dataclass(frozen=True)
+class DetectorMetadata:
+    """What the runtime needs to feed the network and read its outputs (stored in the ONNX file)."""
+
+    name: str
+    version: str
+    classes: list[str]
+    work_um_per_px: float
+    stride: int
+    thresholds: dict[str, float]
+    od_scale: float = 2.0
+    pad_multiple: int = 16
+    input_name: str = "od"
+    outputs: list[str] = field(default_factory=lambda: ["heat", "size", "offset"])
+    format: str = FORMAT
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, sort_keys=True)
+
+
+def parse_detector_metadata(text: str, source: str) -> DetectorMetadata:
+    """Refuse a file that is not a cytoedge detector, with the reason, instead of half-loading it."""
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{source}: detector metadata is not valid JSON ({exc.msg})") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise ModelError(f"{source}: not a {FORMAT} model")
+    known = set(DetectorMetadata.__dataclass_fields__)
+    try:
+        meta = DetectorMetadata(**{k: v for k, v in raw.items() if k in known})
+    except TypeError as exc:
+        raise ModelError(f"{source}: detector metadata incomplete ({exc})") from None
+    if meta.work_um_per_px <= 0 or meta.stride < 1 or set(meta.thresholds) - set(meta.classes):
+        raise ModelError(f"{source}: detector metadata out of range")
+    return meta
+
+
+def plasma_colour(image_bgr: np.ndarray) -> np.ndarray:
+    """Per-channel colour of the plasma between cells: median of the brightest quarter (green).
+
+    The same idea as the classic finder's background: on any brightfield smear the brightest
+    pixels are plasma, whatever the lamp."""
+    green = image_bgr[..., 1]
+    step = max(1, int(math.sqrt(green.size / 20000)))  # a ~20k-pixel grid is plenty for a median
+    sample = image_bgr[::step, ::step].reshape(-1, 3)
+    level = np.percentile(sample[:, 1], 75)
+    bright = sample[sample[:, 1] >= level]
+    return np.median(bright, axis=0).astype(np.float32) + 1.0
+
+
+def optical_density(image_bgr: np.ndarray, od_scale: float = 2.0) -> np.ndarray:
+    """(3, H, W) float32: ln(plasma / pixel) per channel, times ``od_scale``; 0 on plasma."""
+    plasma = plasma_colour(image_bgr)
+    lut = np.log(np.arange(1, 257, dtype=np.float32))  # ln(value + 1) for every uint8 value
+    od = np.log(plasma)[None, None, :] - lut[image_bgr]
+    np.clip(od, -0.5, 3.0, out=od)
+    return np.ascontiguousarray((od * od_scale).transpose(2, 0, 1))
+
+
+def to_work_scale(image_bgr: np.ndarray, um_per_px: float, work_um_per_px: float) -> tuple[np.ndarray, float]:
+    """The frame resampled to the network's µm/px; returns it and work pixels per frame pixel."""
+    factor = um_per_px / work_um_per_px
+    height, width = image_bgr.shape[:2]
+    size = (max(1, round(width * factor)), max(1, round(height * factor)))
+    interpolation = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
+    small = cv2.resize(image_bgr, size, interpolation=interpolation)
+    return small, size[0] / width
+
+
+def network_input(small_bgr: np.ndarray, meta: DetectorMetadata) -> np.ndarray:
+    """(1, 3, H', W') OD input padded with plasma (OD 0) to a multiple of ``pad_multiple``."""
+    od = optical_density(small_bgr, meta.od_scale)
+    _, height, width = od.shape
+    m = meta.pad_multiple
+    padded = np.zeros((1, 3, -(-height // m) * m, -(-width // m) * m), np.float32)
+    padded[0, :, :height, :width] = od
+    return padded
+
+
+def decode(heat: np.ndarray, size: np.ndarray, offset: np.ndarray, meta: DetectorMetadata,
+           scale: float, frame_shape: tuple[int, int]) -> list[Detection]:
+    """Local maxima of each class's heat map above its threshold -> boxes in frame pixels.
+
+    ``heat`` (C, h, w) in 0..1; ``size`` (2, h, w) log box width/height in µm; ``offset`` (2, h, w)
+    sub-cell centre offset; ``scale`` work pixels per frame pixel."""
+    height, width = frame_shape
+    peaks_of = heat == cv2.dilate(heat.transpose(1, 2, 0), np.ones((3, 3), np.uint8)).reshape(
+        heat.shape[1], heat.shape[2], -1).transpose(2, 0, 1)
+    out: list[Detection] = []
+    px_per_um = 1.0 / (meta.work_um_per_px * scale)  # frame pixels per µm
+    for index, kind in enumerate(meta.classes):
+        threshold = meta.thresholds.get(kind, 0.5)
+        ys, xs = np.nonzero(peaks_of[index] & (heat[index] >= threshold))
+        if len(ys) > MAX_PEAKS:
+            keep = np.argsort(-heat[index, ys, xs])[:MAX_PEAKS]
+            ys, xs = ys[keep], xs[keep]
+        for y, x in zip(ys.tolist(), xs.tolist(), strict=True):
+            cx = (x + 0.5 + float(offset[0, y, x])) * meta.stride / scale
+            cy = (y + 0.5 + float(offset[1, y, x])) * meta.stride / scale
+            w = math.exp(float(np.clip(size[0, y, x], -1.0, 4.0))) * px_per_um
+            h = math.exp(float(np.clip(size[1, y, x], -1.0, 4.0))) * px_per_um
+            box = _clip_box(cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2, width, height)
+            if box is not None:
+                out.append(Detection(kind, box, round(float(heat[index, y, x]), 4)))
+    return out
+
+
+class LearnedFinder:
+    """Runs the detector ONNX file with ONNX Runtime on the CPU (one session, bounded threads)."""
+
+    def __init__(self, path: Path, threads: int = 1) -> None:
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ModelError(f"detector model not found: {self.path}")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            self._session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own types for unreadable files
+            raise ModelError(f"cannot load detector {self.path}: {str(exc).strip()[:300]}") from None
+        custom = self._session.get_modelmeta().custom_metadata_map
+        if METADATA_KEY not in custom:
+            raise ModelError(f"{self.path}: not a cytoedge detector (no '{METADATA_KEY}' metadata)")
+        self.metadata = parse_detector_metadata(custom[METADATA_KEY], str(self.path))
+
+    def find(self, image_bgr: np.ndarray, um_per_px: float) -> list[Detection]:
+        """Same contract as ``edge.cellfinder.find_cells``: odd frames give [], non-images raise."""
+        scale_um = _check_scale(um_per_px)
+        image = as_bgr(image_bgr)
+        if min(image.shape[:2]) < 8 or int(image.max()) - int(image.min()) < 8:
+            return []
+        small, scale = to_work_scale(image, scale_um, self.metadata.work_um_per_px)
+        if min(small.shape[:2]) < 4:
+            return []
+        heat, size, offset = self._session.run(self.metadata.outputs,
+                                               {self.metadata.input_name: network_input(small, self.metadata)})
+        oh = -(-small.shape[0] // self.metadata.stride)
+        ow = -(-small.shape[1] // self.metadata.stride)
+        return decode(heat[0, :, :oh, :ow], size[0, :, :oh, :ow], offset[0, :, :oh, :ow], self.metadata,
+                      scale, image.shape[:2])
