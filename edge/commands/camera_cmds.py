@@ -90,6 +90,28 @@ def calibrate_focus(args: argparse.Namespace) -> int:
     return 0
 
 
+def learned_summary(frames: list, um_per_px: float, config: dict) -> str:
+    """Cells per frame by the learned finder at the new scale: a second opinion beside the classic
+    finder's line (two finders that disagree on a site's white cells are worth a look before trusting either)."""
+    from edge.errors import ModelError
+    from edge.finders import bundled_detector_path
+    from edge.learnedfinder import LearnedFinder
+
+    path = Path(config["detector"]["model"]).expanduser() if config["detector"]["model"] else bundled_detector_path()
+    try:
+        finder = LearnedFinder(path)
+    except ModelError as exc:
+        return f"learned finder: not available ({exc})"
+    counts: dict[str, int] = {"wbc": 0, "platelet": 0, "rbc": 0}
+    for image in frames:
+        for d in finder.find(image, um_per_px):
+            counts[d.kind] += 1
+    n = max(1, len(frames))
+    used = " (in use: [detector] method = learned)" if config["detector"]["method"] == "learned" else ""
+    return (f"learned finder{used}: cells per frame: " + ", ".join(f"{k} {v / n:.1f}" for k, v in counts.items())
+            + f"; {len(frames)} frame(s)")
+
+
 def calibrate_site(args: argparse.Namespace) -> int:
     """Scale, quality gate and finder from one set of frames; one atomic config write at the end."""
     from edge.sitefit import fit_finder
@@ -116,6 +138,7 @@ def calibrate_site(args: argparse.Namespace) -> int:
     print(quality.summary())
     finder = fit_finder(frames, scale.um_per_px)
     print(finder.summary())
+    print(learned_summary(frames, scale.um_per_px, config))
     if scale.confidence == "low":
         print(f"note: scale confidence is low; give more frames (--frames {2 * len(frames)}) or check once "
               "with a stage micrometer (calibrate scale --stage-micrometer)")
