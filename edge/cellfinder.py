@@ -184,21 +184,43 @@ def _od_stain(small: np.ndarray, bright: np.ndarray) -> np.ndarray:
     colour of the brightest pixels.
     """
     pixels = small.reshape(-1, 3)
-    plasma = pixels[bright.ravel()] if bright.any() else pixels
+    plasma = pixels[np.flatnonzero(bright)] if bright.any() else pixels
     background = np.median(plasma[:: max(1, len(plasma) // 2000)], axis=0)  # ~2k pixels are plenty
-    od = np.log(np.maximum(background, 1.0)).astype(np.float32) - _LOG[small]
+    od = _od_image(small, background)
     flat = od.reshape(-1, 3)
-    sample = flat[:: max(1, len(flat) // 4000)]
+    direction = _red_cell_direction(flat[:: max(1, len(flat) // 4000)])
+    return _off_direction_length(od, flat @ direction, direction)
+
+
+def _od_image(small: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """Per-channel OD of every pixel: one 256-entry table per channel (the same float32 values as
+    ln(background) - ln(pixel) taken per pixel, at a fraction of the cost)."""
+    table = np.log(np.maximum(background, 1.0)).astype(np.float32)[None, :] - _LOG[:, None]
+    return cv2.LUT(small, np.ascontiguousarray(table).reshape(1, 256, 3))
+
+
+def _red_cell_direction(sample: np.ndarray) -> np.ndarray:
+    """Unit OD direction of this frame's red cells: median direction of the absorbing sampled pixels."""
     absorbing = sample[sample.sum(axis=1) > 0.3]
-    direction = RBC_OD_DIRECTION
     if len(absorbing) >= 50:
         unit = absorbing / np.linalg.norm(absorbing, axis=1, keepdims=True)
         median = np.median(unit, axis=0)
         if np.linalg.norm(median) > 0:
-            direction = (median / np.linalg.norm(median)).astype(np.float32)
-    along = flat @ direction
-    residual = flat - along[:, None] * direction[None, :]
-    return (np.sqrt((residual * residual).sum(axis=1)) * 100.0).reshape(small.shape[:2]).astype(np.float32)
+            return (median / np.linalg.norm(median)).astype(np.float32)
+    return RBC_OD_DIRECTION
+
+
+def _off_direction_length(od: np.ndarray, along: np.ndarray, direction: np.ndarray) -> np.ndarray:
+    """|OD - (OD . direction) direction| * 100, per pixel, on whole channel planes (several times
+    faster than on (N, 3) rows; the float32 operations and their order are the same, so are the values)."""
+    total = None
+    for channel, plane in enumerate(cv2.split(od)):
+        residual = plane.ravel() - along * direction[channel]
+        residual *= residual
+        total = residual if total is None else np.add(total, residual, out=total)
+    length = np.sqrt(total, out=total)
+    length *= np.float32(100.0)
+    return length.reshape(od.shape[:2])
 
 
 def _group_nuclei(stats: np.ndarray, px_um: float, params: FinderParams) -> list[list[int]]:
