@@ -110,7 +110,8 @@ def find_cells(image_bgr: np.ndarray, um_per_px: float, params: FinderParams = F
     sx, sy = width / small_w, height / small_h  # frame pixels per working pixel
     px_um = um_per_px * (sx + sy) / 2  # micrometres per working pixel
     green = small[:, :, 1]
-    bright = green >= np.percentile(green, min(100.0, params.background_percentile))
+    background_level, plasma_level = percentiles_u8(green, (min(100.0, params.background_percentile), 90.0))
+    bright = green >= background_level
     blue, _g, red = cv2.split(small)
     stain = cv2.subtract(blue, red, dtype=cv2.CV_16S)
     # background level of the stain: plasma between cells is the brightest part of a smear, so take
@@ -119,7 +120,7 @@ def find_cells(image_bgr: np.ndarray, um_per_px: float, params: FinderParams = F
     blue_minus_red = stain.astype(np.float32) - stain_bg
     excess = _od_stain(small, bright) if params.stain_od else blue_minus_red
     platelet_excess, platelet_params = excess, params
-    if params.stain_od and _pink_red_cells(blue_minus_red, green, params):
+    if params.stain_od and _pink_red_cells(blue_minus_red, green, plasma_level, params):
         # faint platelets stand out better in B - R, which is safe where red cells are pink (not bluish)
         platelet_excess = blue_minus_red
         platelet_params = dataclasses.replace(params, platelet_delta=params.platelet_br_delta,
@@ -156,13 +157,40 @@ def find_cells(image_bgr: np.ndarray, um_per_px: float, params: FinderParams = F
     detections.extend(_platelets(platelet_excess, wbc_boxes, px_um, (sx, sy), (width, height), platelet_params))
 
     if params.find_rbc:
-        detections.extend(_red_cells(green, nucleus, wbc_boxes, px_um, (sx, sy), (width, height), params))
+        detections.extend(_red_cells((green, plasma_level), nucleus, wbc_boxes, px_um, (sx, sy), (width, height),
+                                     params))
     return detections
 
 
-def _pink_red_cells(blue_minus_red: np.ndarray, green: np.ndarray, params: FinderParams) -> bool:
-    """True when this frame's red cells are no bluer than the plasma (B - R stays low on them)."""
-    red_cells = green < np.percentile(green, 90) - params.rbc_delta
+def percentiles_u8(values: np.ndarray, qs: tuple[float, ...]) -> list[float]:
+    """``np.percentile(values, q)`` (linear method) for each q of a uint8 image, bit for bit, from one
+    256-bin histogram instead of a partial sort per call (a tenth of the time on a 480x270 plane)."""
+    if values.size < 2**24:  # the histogram's float32 bins count exactly up to here
+        counts = cv2.calcHist([np.ascontiguousarray(values)], [0], None, [256], [0, 256]).ravel().astype(np.int64)
+    else:
+        counts = np.bincount(values.ravel(), minlength=256)
+    cumulative = np.cumsum(counts)
+    return [_sorted_percentile(cumulative, q) for q in qs]
+
+
+def _sorted_percentile(cumulative: np.ndarray, q: float) -> float:
+    """numpy's linear-method percentile, taken from cumulative counts of the values 0..255."""
+    n = int(cumulative[-1])
+    virtual = (n - 1) * (q / 100)
+    if virtual >= n - 1:
+        return float(np.searchsorted(cumulative, n - 1, side="right"))
+    if virtual < 0:
+        return float(np.searchsorted(cumulative, 0, side="right"))
+    below = math.floor(virtual)
+    low, high = (int(v) for v in np.searchsorted(cumulative, [below, below + 1], side="right"))
+    gamma, diff = virtual - below, high - low
+    return float(high - diff * (1 - gamma)) if gamma >= 0.5 else float(low + diff * gamma)
+
+
+def _pink_red_cells(blue_minus_red: np.ndarray, green: np.ndarray, plasma_level: float, params: FinderParams) -> bool:
+    """True when this frame's red cells are no bluer than the plasma (B - R stays low on them).
+    ``plasma_level``: the 90th percentile of ``green``."""
+    red_cells = green < plasma_level - params.rbc_delta
     if not red_cells.any():
         return False
     return float(np.median(blue_minus_red[red_cells])) <= params.pink_rbc_max
@@ -322,12 +350,13 @@ def _platelets(excess: np.ndarray, wbc_boxes: list[tuple[float, float, float, fl
     return found
 
 
-def _red_cells(green: np.ndarray, stained: np.ndarray, wbc_boxes: list[tuple[float, float, float, float]],
-               px_um: float, frame_per_work: tuple[float, float], frame_size: tuple[int, int],
-               params: FinderParams) -> list[Detection]:
+def _red_cells(green_and_level: tuple[np.ndarray, float], stained: np.ndarray,
+               wbc_boxes: list[tuple[float, float, float, float]], px_um: float, frame_per_work: tuple[float, float],
+               frame_size: tuple[int, int], params: FinderParams) -> list[Detection]:
     """Red cells absorb green: mask darker-than-background pixels, fill the pale centres, split
-    touching cells at the peaks of the distance transform."""
-    background = float(np.percentile(green, 90))
+    touching cells at the peaks of the distance transform. ``green_and_level``: the green plane and
+    its 90th percentile (the plasma's level)."""
+    green, background = green_and_level
     mask = (green.astype(np.float32) < background - params.rbc_delta).astype(np.uint8)
     mask[stained > 0] = 0
     for x0, y0, x1, y1 in wbc_boxes:
