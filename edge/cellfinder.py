@@ -112,13 +112,13 @@ def find_cells(image_bgr: np.ndarray, um_per_px: float, params: FinderParams = F
     green = small[:, :, 1]
     background_level, plasma_level = percentiles_u8(green, (min(100.0, params.background_percentile), 90.0))
     bright = green >= background_level
-    blue, _g, red = cv2.split(small)
-    stain = cv2.subtract(blue, red, dtype=cv2.CV_16S)
+    channels = _channels(small)
+    stain = cv2.subtract(channels[0], channels[2], dtype=cv2.CV_16S)
     # background level of the stain: plasma between cells is the brightest part of a smear, so take
     # the median over the brightest pixels (the plain median drifts towards red cells in crowded frames)
     stain_bg = float(np.median(stain[bright])) if bright.any() else float(np.median(stain))
     blue_minus_red = stain.astype(np.float32) - stain_bg
-    excess = _od_stain(small, bright) if params.stain_od else blue_minus_red
+    excess = _od_stain(small, bright, channels) if params.stain_od else blue_minus_red
     platelet_excess, platelet_params = excess, params
     if params.stain_od and _pink_red_cells(blue_minus_red, green, plasma_level, params):
         # faint platelets stand out better in B - R, which is safe where red cells are pink (not bluish)
@@ -200,7 +200,12 @@ _LOG = np.log(np.arange(256, dtype=np.float32).clip(1, None))  # ln of each grey
 RBC_OD_DIRECTION = np.array([0.46, 0.79, 0.40], np.float32)  # B, G, R optical density of a red cell (BCCD)
 
 
-def _od_stain(small: np.ndarray, bright: np.ndarray) -> np.ndarray:
+def _channels(image: np.ndarray) -> list[np.ndarray]:
+    """The B, G, R planes of a BGR image (cv2.extractChannel: several times faster than cv2.split)."""
+    return [cv2.extractChannel(image, c) for c in range(3)]
+
+
+def _od_stain(small: np.ndarray, bright: np.ndarray, channels: list[np.ndarray] | None = None) -> np.ndarray:
     """How much of each pixel's colour is *not* red-cell colour, in 1/100 optical-density units.
 
     Optical density (OD = ln(background / pixel), per channel) is what a stain adds, whatever the lamp
@@ -209,22 +214,23 @@ def _od_stain(small: np.ndarray, bright: np.ndarray) -> np.ndarray:
     the OD left after removing the red-cell direction marks nuclei and platelets at any microscope,
     even where red cells look bluish (Raabin) and blue minus red fails. The direction is measured per
     frame (median direction of the absorbing pixels, mostly red cells); the background is the median
-    colour of the brightest pixels.
+    colour of the brightest pixels. ``channels``: the B, G, R planes of ``small`` when already at hand.
     """
     pixels = small.reshape(-1, 3)
-    plasma = pixels[np.flatnonzero(bright)] if bright.any() else pixels
-    background = np.median(plasma[:: max(1, len(plasma) // 2000)], axis=0)  # ~2k pixels are plenty
-    od = _od_image(small, background)
+    plasma = np.flatnonzero(bright) if bright.any() else np.arange(len(pixels))
+    background = np.median(pixels[plasma[:: max(1, len(plasma) // 2000)]], axis=0)  # ~2k pixels are plenty
+    table = _od_table(background)
+    od = cv2.LUT(small, table.reshape(1, 256, 3))  # the OD of every pixel, as (rows, cols, 3)
     flat = od.reshape(-1, 3)
     direction = _red_cell_direction(flat[:: max(1, len(flat) // 4000)])
-    return _off_direction_length(od, flat @ direction, direction)
+    planes = [cv2.LUT(plane, table[:, c].copy()) for c, plane in enumerate(channels or _channels(small))]
+    return _off_direction_length(planes, flat @ direction, direction)
 
 
-def _od_image(small: np.ndarray, background: np.ndarray) -> np.ndarray:
-    """Per-channel OD of every pixel: one 256-entry table per channel (the same float32 values as
-    ln(background) - ln(pixel) taken per pixel, at a fraction of the cost)."""
-    table = np.log(np.maximum(background, 1.0)).astype(np.float32)[None, :] - _LOG[:, None]
-    return cv2.LUT(small, np.ascontiguousarray(table).reshape(1, 256, 3))
+def _od_table(background: np.ndarray) -> np.ndarray:
+    """(256, 3) OD of each grey level per channel: the same float32 values as ln(background) - ln(pixel)
+    taken per pixel, so a lookup replaces a logarithm per pixel."""
+    return np.ascontiguousarray(np.log(np.maximum(background, 1.0)).astype(np.float32)[None, :] - _LOG[:, None])
 
 
 def _red_cell_direction(sample: np.ndarray) -> np.ndarray:
@@ -238,17 +244,17 @@ def _red_cell_direction(sample: np.ndarray) -> np.ndarray:
     return RBC_OD_DIRECTION
 
 
-def _off_direction_length(od: np.ndarray, along: np.ndarray, direction: np.ndarray) -> np.ndarray:
+def _off_direction_length(planes: list[np.ndarray], along: np.ndarray, direction: np.ndarray) -> np.ndarray:
     """|OD - (OD . direction) direction| * 100, per pixel, on whole channel planes (several times
     faster than on (N, 3) rows; the float32 operations and their order are the same, so are the values)."""
     total = None
-    for channel, plane in enumerate(cv2.split(od)):
+    for channel, plane in enumerate(planes):
         residual = plane.ravel() - along * direction[channel]
         residual *= residual
         total = residual if total is None else np.add(total, residual, out=total)
     length = np.sqrt(total, out=total)
     length *= np.float32(100.0)
-    return length.reshape(od.shape[:2])
+    return length.reshape(planes[0].shape)
 
 
 def _group_nuclei(stats: np.ndarray, px_um: float, params: FinderParams) -> list[list[int]]:
