@@ -204,3 +204,21 @@ def test_optical_density_stain_equals_the_per_pixel_formula_on_a_million_colours
     residual = flat - (flat @ direction)[:, None] * direction[None, :]
     per_pixel = (np.sqrt((residual * residual).sum(axis=1)) * 100.0).reshape(colours.shape[:2]).astype(np.float32)
     assert np.array_equal(_od_stain(colours, bright), per_pixel)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bbdt_components_equal_opencvs_default_components(threads: int) -> None:
+    from edge.cellfinder import components8
+
+    rng = np.random.default_rng(19)
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(threads)
+    try:
+        for density in (0.05, 0.3, 0.5, 0.8):
+            noise = cv2.GaussianBlur(rng.random((270, 480)).astype(np.float32), (5, 5), 0)
+            mask = (noise > np.quantile(noise, 1 - density)).astype(np.uint8)
+            for got, expected in zip(components8(mask), cv2.connectedComponentsWithStats(mask, connectivity=8),
+                                     strict=True):
+                assert np.array_equal(got, expected)
+    finally:
+        cv2.setNumThreads(before)
