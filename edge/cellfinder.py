@@ -116,10 +116,10 @@ def find_cells(image_bgr: np.ndarray, um_per_px: float, params: FinderParams = F
     small = cv2.GaussianBlur(small, (3, 3), 0)
     sx, sy = width / small_w, height / small_h  # frame pixels per working pixel
     px_um = um_per_px * (sx + sy) / 2  # micrometres per working pixel
-    green = small[:, :, 1]
+    channels = _channels(small)
+    green = channels[1]
     background_level, plasma_level = percentiles_u8(green, (min(100.0, params.background_percentile), 90.0))
     bright = green >= background_level
-    channels = _channels(small)
     stain = cv2.subtract(channels[0], channels[2], dtype=cv2.CV_16S)
     # background level of the stain: plasma between cells is the brightest part of a smear, so take
     # the median over the brightest pixels (the plain median drifts towards red cells in crowded frames)
@@ -340,18 +340,19 @@ def _platelets(excess: np.ndarray, wbc_boxes: list[tuple[float, float, float, fl
     count, labels, stats, _centroids = components8(mask)
     if count <= 1:
         return []
+    inside = np.flatnonzero(mask)  # only labelled pixels can raise a blob's peak (label 0 is never read)
     peak = np.zeros(count, np.float32)
-    np.maximum.at(peak, labels.ravel(), excess.ravel())
+    np.maximum.at(peak, labels.ravel()[inside], excess.ravel()[inside])
+    diameter = 2 * np.sqrt(stats[:, 4] / math.pi) * px_um
+    sized = (peak >= params.platelet_peak) & (params.platelet_min_um <= diameter) & (diameter <= params.platelet_max_um)
+    sized[0] = False  # the background
     sx, sy = frame_per_work
     width, height = frame_size
     found = []
     min_side = params.platelet_box_um / px_um
     margin = params.platelet_wbc_margin_um / px_um
-    for i in range(1, count):
-        x, y, w, h, area = (int(v) for v in stats[i])
-        diameter = 2 * math.sqrt(area / math.pi) * px_um
-        if peak[i] < params.platelet_peak or not params.platelet_min_um <= diameter <= params.platelet_max_um:
-            continue
+    for i in np.flatnonzero(sized):
+        x, y, w, h, _area = (int(v) for v in stats[i])
         cx, cy = x + w / 2, y + h / 2
         if any(b[0] - margin <= cx <= b[2] + margin and b[1] - margin <= cy <= b[3] + margin for b in wbc_boxes):
             continue  # a granule or lobe of a white cell
@@ -380,11 +381,11 @@ def _red_cells(green_and_level: tuple[np.ndarray, float], stained: np.ndarray,
     inverse = 1 - mask
     count, labels, stats, _c = cv2.connectedComponentsWithStats(inverse, connectivity=4)
     rows, cols = mask.shape
-    small_hole = np.zeros(count, bool)
-    for i in range(1, count):
-        x, y, w, h, area = stats[i]
-        small_hole[i] = area < math.pi * max_r * max_r * 0.6 and x > 0 and y > 0 and x + w < cols and y + h < rows
-    mask[small_hole[labels]] = 1
+    x, y, w, h, area = stats.T
+    small_hole = (area < math.pi * max_r * max_r * 0.6) & (x > 0) & (y > 0) & (x + w < cols) & (y + h < rows)
+    small_hole[0] = False  # the red cells themselves
+    if small_hole.any():
+        mask[small_hole[labels]] = 1
     mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, _disc(1.0 / px_um))
     dist = cv2.distanceTransform(mask, cv2.DIST_L2, 3)
     peaks = (dist >= cv2.dilate(dist, _disc(min_r * 1.5))) & (dist >= min_r * 0.6)
@@ -396,7 +397,7 @@ def _red_cells(green_and_level: tuple[np.ndarray, float], stained: np.ndarray,
     for i in range(1, count):
         cx, cy = centroids[i]
         r = float(dist[min(rows - 1, int(cy + 0.5)), min(cols - 1, int(cx + 0.5))])
-        half = float(np.clip(r * params.rbc_box_grow, min_r, max_r))
+        half = min(max(r * params.rbc_box_grow, min_r), max_r)  # np.clip's arithmetic, without its overhead
         clipped = _clip_box((cx - half) * sx, (cy - half) * sy, (cx + half) * sx, (cy + half) * sy, width, height)
         if clipped:
             found.append(Detection("rbc", clipped, round(float(min(1.0, r / nominal)), 4)))
