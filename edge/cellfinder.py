@@ -123,11 +123,11 @@ def find_cells(image_bgr: np.ndarray, um_per_px: float, params: FinderParams = F
     stain = cv2.subtract(channels[0], channels[2], dtype=cv2.CV_16S)
     # background level of the stain: plasma between cells is the brightest part of a smear, so take
     # the median over the brightest pixels (the plain median drifts towards red cells in crowded frames)
-    stain_bg = float(np.median(stain[bright])) if bright.any() else float(np.median(stain))
+    stain_bg = stain_median(stain, bright if bright.any() else None)
     blue_minus_red = stain.astype(np.float32) - stain_bg
     excess = _od_stain(small, bright, channels) if params.stain_od else blue_minus_red
     platelet_excess, platelet_params = excess, params
-    if params.stain_od and _pink_red_cells(blue_minus_red, green, plasma_level, params):
+    if params.stain_od and _pink_red_cells((stain, stain_bg), green, plasma_level, params):
         # faint platelets stand out better in B - R, which is safe where red cells are pink (not bluish)
         platelet_excess = blue_minus_red
         platelet_params = dataclasses.replace(params, platelet_delta=params.platelet_br_delta,
@@ -194,13 +194,35 @@ def _sorted_percentile(cumulative: np.ndarray, q: float) -> float:
     return float(high - diff * (1 - gamma)) if gamma >= 0.5 else float(low + diff * gamma)
 
 
-def _pink_red_cells(blue_minus_red: np.ndarray, green: np.ndarray, plasma_level: float, params: FinderParams) -> bool:
+def _pink_red_cells(stain_and_bg: tuple[np.ndarray, float], green: np.ndarray, plasma_level: float,
+                    params: FinderParams) -> bool:
     """True when this frame's red cells are no bluer than the plasma (B - R stays low on them).
-    ``plasma_level``: the 90th percentile of ``green``."""
-    red_cells = green < plasma_level - params.rbc_delta
-    if not red_cells.any():
+    ``stain_and_bg``: B - R (int16) and its background level; ``plasma_level``: green's 90th percentile.
+    The median of B - R minus the background over the red cells, as numpy computes it in float32: the
+    subtraction keeps the order of the values, so the two middle B - R values give it."""
+    stain, stain_bg = stain_and_bg
+    middle = _middle_values(stain, green < plasma_level - params.rbc_delta)
+    if middle is None:
         return False
-    return float(np.median(blue_minus_red[red_cells])) <= params.pink_rbc_max
+    return float(np.median(np.array(middle, np.int16).astype(np.float32) - stain_bg)) <= params.pink_rbc_max
+
+
+def stain_median(stain: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """``float(np.median(stain[mask]))`` of B - R (int16, -255..255), bit for bit, from a histogram
+    (the mean of the two middle values is exact in float64)."""
+    low, high = _middle_values(stain, mask) or (0, 0)
+    return (low + high) / 2
+
+
+def _middle_values(stain: np.ndarray, mask: np.ndarray | None) -> tuple[int, int] | None:
+    """The lower and upper middle of the B - R values where ``mask`` (all when None); None if none."""
+    shifted = stain.view(np.uint16) + np.uint16(255)  # -255..255 -> 0..510 (uint16 wraps around)
+    cumulative = np.cumsum(np.bincount((shifted if mask is None else shifted[mask]).ravel(), minlength=511))
+    n = int(cumulative[-1])
+    if n == 0:
+        return None
+    low, high = np.searchsorted(cumulative, [(n - 1) // 2, n // 2], side="right")
+    return int(low) - 255, int(high) - 255
 
 
 _LOG = np.log(np.arange(256, dtype=np.float32).clip(1, None))  # ln of each grey level (0 read as 1)

@@ -222,3 +222,26 @@ def test_bbdt_components_equal_opencvs_default_components(threads: int) -> None:
                 assert np.array_equal(got, expected)
     finally:
         cv2.setNumThreads(before)
+
+
+@pytest.mark.parametrize("kind", ["random", "constant", "odd_count", "one_value"])
+def test_histogram_stain_median_equals_numpy_median_bit_for_bit(kind: str) -> None:
+    from edge.cellfinder import _pink_red_cells, stain_median
+
+    rng = np.random.default_rng(19)
+    stain = {
+        "random": rng.integers(-255, 256, (270, 480)),
+        "constant": np.full((40, 40), -7),
+        "odd_count": rng.integers(-40, 60, (33, 33)),
+        "one_value": rng.integers(-255, 256, (1, 1)),
+    }[kind].astype(np.int16)
+    mask = rng.random(stain.shape) < 0.3
+    mask.flat[0] = True
+    assert stain_median(stain) == float(np.median(stain))
+    assert stain_median(stain, mask) == float(np.median(stain[mask]))
+    green = rng.integers(0, 256, stain.shape, dtype=np.uint8)
+    for stain_bg, level in ((0.0, 200.0), (-3.5, 120.3), (2.0, 255.0)):
+        red_cells = green < level - FinderParams().rbc_delta
+        blue_minus_red = stain.astype(np.float32) - stain_bg
+        expected = bool(red_cells.any()) and float(np.median(blue_minus_red[red_cells])) <= FinderParams().pink_rbc_max
+        assert _pink_red_cells((stain, stain_bg), green, level, FinderParams()) == expected
