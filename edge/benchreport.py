@@ -1,6 +1,6 @@
 """The benchmark tables of docs/benchmarks.md, from one command:
 
-    python -m edge.benchreport [--runs 3] [--models baseline-cnn student-v1]
+    python -m edge.benchreport [--runs 3] [--models baseline-cnn student-v1] [--threads N]
 
 Runs `cytoedge bench` over 640x480 (the bundled frames) and 1920x1080 (tiled from them, as JPEG files,
 and in memory as a raw camera offers them), at full speed and at an offered 30 frames/s, for each
@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=["baseline-cnn", "student-v1"],
                         help="bundled model names (engines/models/NAME) or .onnx paths")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every run's frame count (e.g. 0.1)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="ONNX Runtime threads (default: the config's); the model's answers are the same")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
     base = cfg.load(None)
@@ -84,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         for model in args.models:
             model_path = Path(model) if model.endswith(".onnx") else bundled_models_dir() / model / "model.onnx"
             config = cfg.with_overrides(base, "benchreport", model__path=str(model_path))
+            if args.threads:
+                config = cfg.with_overrides(config, "benchreport", model__threads=args.threads)
             rows = []
             for label, size, in_memory, fps, frames in CASES:
                 path = tiled if size else bundled_samples()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from concurrent.futures import Executor
+from fractions import Fraction
 
 import cv2
 import numpy as np
@@ -106,13 +107,34 @@ def _cut_one(image: np.ndarray, out: np.ndarray, n: int, square_at: tuple[int, .
     x0, y0, xa, ya, xb, yb = (int(v) for v in square_at)
     size = out.shape[1]
     if inside:
-        square = image[y0 : y0 + side, x0 : x0 + side]
-    elif xb > xa and yb > ya:
-        square = cv2.copyMakeBorder(
-            image[ya:yb, xa:xb], ya - y0, y0 + side - yb, xa - x0, x0 + side - xb,
-            cv2.BORDER_CONSTANT, value=[int(v) for v in fill],  # type: ignore[union-attr]
-        )
-    else:
-        out[n] = fill  # the square misses the frame entirely
+        out[n] = cv2.resize(image[y0 : y0 + side, x0 : x0 + side], (size, size), interpolation=cv2.INTER_AREA)
         return
-    out[n] = cv2.resize(square, (size, size), interpolation=cv2.INTER_AREA)
+    out[n] = fill  # the square misses the frame entirely, or these are the output pixels of pure padding
+    if xb <= xa or yb <= ya:
+        return
+    period, cells = area_period(side, size)
+    # Only whole periods of the area grid that touch the frame are resampled: an output pixel whose
+    # whole footprint is padding averages the fill colour back to itself exactly (float error < 1e-3).
+    top, bottom = (ya - y0) // period * period, -(-(yb - y0) // period) * period
+    left, right = (xa - x0) // period * period, -(-(xb - x0) // period) * period
+    part = cv2.copyMakeBorder(
+        image[ya:yb, xa:xb], ya - y0 - top, bottom - (yb - y0), xa - x0 - left, right - (xb - x0),
+        cv2.BORDER_CONSTANT, value=[int(v) for v in fill],  # type: ignore[union-attr]
+    )
+    rows = slice(top // period * cells, bottom // period * cells)
+    cols = slice(left // period * cells, right // period * cells)
+    out[n, rows, cols] = cv2.resize(part, (cols.stop - cols.start, rows.stop - rows.start),
+                                    interpolation=cv2.INTER_AREA)
+
+
+def area_period(side: int, size: int) -> tuple[int, int]:
+    """(source pixels, output pixels) of one period of INTER_AREA's grid from ``side`` to ``size``: a
+    window starting and ending on period boundaries resizes to exactly the same output pixels as the
+    whole square does there (same footprints, weights and summation order), provided OpenCV's scale
+    (1 / (size / side)) is exactly side / size, so every boundary falls on the same float value.
+    Otherwise the period is the whole square (no window is cut)."""
+    scale = 1.0 / (size / side)
+    if Fraction(scale) != Fraction(side, size):
+        return side, size
+    common = math.gcd(side, size)
+    return side // common, size // common

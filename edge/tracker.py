@@ -29,14 +29,25 @@ def iou(a: tuple[int, ...] | list[int], b: tuple[int, ...] | list[int]) -> float
 
 def _iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """IoU of every box in ``a`` (N, 4) with every box in ``b`` (M, 4), as ``iou`` computes it."""
-    ax1, ay1 = a[:, 0] + a[:, 2], a[:, 1] + a[:, 3]
-    bx1, by1 = b[:, 0] + b[:, 2], b[:, 1] + b[:, 3]
-    overlap_w = np.minimum(ax1[:, None], bx1[None]) - np.maximum(a[:, 0][:, None], b[:, 0][None])
-    overlap_h = np.minimum(ay1[:, None], by1[None]) - np.maximum(a[:, 1][:, None], b[:, 1][None])
-    inter = overlap_w * overlap_h
-    union = (a[:, 2] * a[:, 3])[:, None] + (b[:, 2] * b[:, 3])[None] - inter
-    positive = (overlap_w > 0) & (overlap_h > 0)
-    return np.where(positive, inter / np.where(positive, union, 1).astype(np.float64), 0.0)
+    rows, cols, values = _overlapping(a, b)
+    matrix = np.zeros((len(a), len(b)))
+    matrix[rows, cols] = values
+    return matrix
+
+
+def _overlapping(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The pairs of boxes of ``a`` (N, 4) and ``b`` (M, 4) that overlap, in row-major order, with their
+    IoU as ``iou`` computes it. A 1080p frame's ~130 cells meet ~600 tracks but overlap only a few,
+    so the division and everything after it runs on those few pairs only."""
+    a32, b32 = np.asarray(a, np.int32), np.asarray(b, np.int32)  # frame pixels: no overflow
+    overlap_w = (np.minimum((a32[:, 0] + a32[:, 2])[:, None], (b32[:, 0] + b32[:, 2])[None])
+                 - np.maximum(a32[:, 0][:, None], b32[:, 0][None]))
+    overlap_h = (np.minimum((a32[:, 1] + a32[:, 3])[:, None], (b32[:, 1] + b32[:, 3])[None])
+                 - np.maximum(a32[:, 1][:, None], b32[:, 1][None]))
+    rows, cols = np.nonzero((overlap_w > 0) & (overlap_h > 0))
+    inter = overlap_w[rows, cols].astype(np.int64) * overlap_h[rows, cols]
+    union = (a[rows, 2] * a[rows, 3]).astype(np.int64) + b[cols, 2] * b[cols, 3] - inter
+    return rows, cols, inter / union.astype(np.float64)
 
 
 def signature(crop_bgr: np.ndarray) -> np.ndarray:
@@ -61,6 +72,8 @@ class CellTracker:
     """Greedy frame-to-frame matching. State is bounded: tracks unseen for ``max_missed`` frames go."""
 
     def __init__(self, min_iou: float = 0.4, min_similarity: float = 0.75, max_missed: int = 5) -> None:
+        if not min_iou > 0:  # a match needs some overlap: only overlapping pairs are ever compared
+            raise ValueError(f"min_iou must be > 0, got {min_iou!r}")
         self.min_iou = min_iou
         self.min_similarity = min_similarity
         self.max_missed = max_missed
@@ -113,16 +126,16 @@ class CellTracker:
             return []
         boxes = np.array([cell.bbox for cell in cells], np.int64).reshape(-1, 4)
         held = np.array([track.bbox for track in self._tracks], np.int64).reshape(-1, 4)
-        overlap = _iou_matrix(boxes, held)
-        same_kind = np.array([cell.kind for cell in cells])[:, None] == np.array([t.kind for t in self._tracks])[None]
-        ci, ti = np.nonzero(same_kind & (overlap >= self.min_iou))
+        rows, cols, overlap = _overlapping(boxes, held)
         pairs = []
-        for cell_index, track_index in zip(ci.tolist(), ti.tolist(), strict=True):
-            own = signatures.get(cells[cell_index].id)
+        for cell_index, track_index, value in zip(rows.tolist(), cols.tolist(), overlap.tolist(), strict=True):
             track = self._tracks[track_index]
+            if value < self.min_iou or cells[cell_index].kind != track.kind:
+                continue
+            own = signatures.get(cells[cell_index].id)
             if own is not None and track.signature is not None and self._different(own, track.signature):
                 continue
-            pairs.append((float(overlap[cell_index, track_index]), cell_index, track_index))
+            pairs.append((value, cell_index, track_index))
         pairs.sort(reverse=True)
         return pairs
 

@@ -165,3 +165,15 @@ def test_model_identity_carries_the_file_checksum(backend: Classifier) -> None:
     from edge.modelmeta import file_sha256
 
     assert backend.model_id.endswith("@" + file_sha256(MODEL)[:12])
+
+
+@pytest.mark.parametrize("order", ["RGB", "BGR"])
+def test_lookup_table_preprocessing_gives_the_arithmetics_float32_values(reference: Classifier, order: str) -> None:
+    import dataclasses
+
+    from edge.classifier import _normalise, preprocess
+
+    meta = dataclasses.replace(reference.metadata, channel_order=order)
+    crops = np.random.default_rng(19).integers(0, 256, (7, 64, 64, 3), dtype=np.uint8)
+    assert np.array_equal(preprocess(crops, meta), _normalise(crops, meta))
+    assert np.array_equal(preprocess(crops[:0], meta), _normalise(crops[:0], meta))

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edge.cellfinder import Detection, FinderParams, find_cells
+from edge.cellfinder import Detection, FinderParams, find_cells, percentiles_u8
 from edge.crops import background_colour, cut_crops
 from engines.finder import bccd as eval_finder
 from tests.conftest import SAMPLES
@@ -172,3 +172,76 @@ def test_params_are_non_negative_numbers_so_the_config_can_validate_them() -> No
     for f in dataclasses.fields(FinderParams):
         value = getattr(FinderParams(), f.name)
         assert isinstance(value, (int, float)) and value >= 0, f.name
+
+
+# -- the fast paths of issue 19 compute exactly what the plain numpy expressions computed ------------
+@pytest.mark.parametrize("kind", ["random", "constant", "two_levels", "skewed", "tiny"])
+def test_histogram_percentiles_equal_numpy_percentile_bit_for_bit(kind: str) -> None:
+    rng = np.random.default_rng(19)
+    values = {
+        "random": rng.integers(0, 256, (271, 481), dtype=np.uint8),
+        "constant": np.full((64, 64), 201, np.uint8),
+        "two_levels": np.where(rng.random((99, 101)) < 0.7, 30, 240).astype(np.uint8),
+        "skewed": np.clip(rng.normal(200, 12, (270, 480)), 0, 255).astype(np.uint8),
+        "tiny": rng.integers(0, 256, (1, 3), dtype=np.uint8),
+    }[kind]
+    qs = (0.0, 0.5, 10.0, 33.3, 50.0, 73.7, 75.0, 90.0, 99.9, 100.0)
+    assert percentiles_u8(values, qs) == [float(np.percentile(values, q)) for q in qs]
+    assert percentiles_u8(values[::2, 1::3], qs) == [float(np.percentile(values[::2, 1::3], q)) for q in qs]
+
+
+def test_optical_density_stain_equals_the_per_pixel_formula_on_a_million_colours() -> None:
+    from edge.cellfinder import _LOG, _od_stain, _red_cell_direction
+
+    rng = np.random.default_rng(19)
+    colours = rng.integers(0, 256, (1000, 1000, 3), dtype=np.uint8)
+    bright = colours[:, :, 1] >= 200
+    pixels = colours.reshape(-1, 3)
+    plasma = pixels[bright.ravel()]
+    background = np.median(plasma[:: max(1, len(plasma) // 2000)], axis=0)
+    flat = (np.log(np.maximum(background, 1.0)).astype(np.float32) - _LOG[colours]).reshape(-1, 3)
+    direction = _red_cell_direction(flat[:: max(1, len(flat) // 4000)])
+    residual = flat - (flat @ direction)[:, None] * direction[None, :]
+    per_pixel = (np.sqrt((residual * residual).sum(axis=1)) * 100.0).reshape(colours.shape[:2]).astype(np.float32)
+    assert np.array_equal(_od_stain(colours, bright), per_pixel)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bbdt_components_equal_opencvs_default_components(threads: int) -> None:
+    from edge.cellfinder import components8
+
+    rng = np.random.default_rng(19)
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(threads)
+    try:
+        for density in (0.05, 0.3, 0.5, 0.8):
+            noise = cv2.GaussianBlur(rng.random((270, 480)).astype(np.float32), (5, 5), 0)
+            mask = (noise > np.quantile(noise, 1 - density)).astype(np.uint8)
+            for got, expected in zip(components8(mask), cv2.connectedComponentsWithStats(mask, connectivity=8),
+                                     strict=True):
+                assert np.array_equal(got, expected)
+    finally:
+        cv2.setNumThreads(before)
+
+
+@pytest.mark.parametrize("kind", ["random", "constant", "odd_count", "one_value"])
+def test_histogram_stain_median_equals_numpy_median_bit_for_bit(kind: str) -> None:
+    from edge.cellfinder import _pink_red_cells, stain_median
+
+    rng = np.random.default_rng(19)
+    stain = {
+        "random": rng.integers(-255, 256, (270, 480)),
+        "constant": np.full((40, 40), -7),
+        "odd_count": rng.integers(-40, 60, (33, 33)),
+        "one_value": rng.integers(-255, 256, (1, 1)),
+    }[kind].astype(np.int16)
+    mask = rng.random(stain.shape) < 0.3
+    mask.flat[0] = True
+    assert stain_median(stain) == float(np.median(stain))
+    assert stain_median(stain, mask) == float(np.median(stain[mask]))
+    green = rng.integers(0, 256, stain.shape, dtype=np.uint8)
+    for stain_bg, level in ((0.0, 200.0), (-3.5, 120.3), (2.0, 255.0)):
+        red_cells = green < level - FinderParams().rbc_delta
+        blue_minus_red = stain.astype(np.float32) - stain_bg
+        expected = bool(red_cells.any()) and float(np.median(blue_minus_red[red_cells])) <= FinderParams().pink_rbc_max
+        assert _pink_red_cells((stain, stain_bg), green, level, FinderParams()) == expected

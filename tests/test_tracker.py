@@ -106,3 +106,21 @@ def test_all_pairs_overlap_matches_the_pair_by_pair_overlap() -> None:
     expected = [[iou(list(x), list(y)) for y in b.tolist()] for x in a.tolist()]
     assert matrix.tolist() == expected
     assert (matrix > 0).sum() > 50  # the boxes do overlap, so the comparison means something
+
+
+def test_only_overlapping_pairs_are_listed_with_the_pair_by_pair_overlap() -> None:
+    from edge.tracker import _overlapping, iou
+
+    rng = np.random.default_rng(2)
+    a = np.column_stack([rng.integers(0, 1900, (130, 2)), rng.integers(1, 200, (130, 2))])
+    b = np.column_stack([rng.integers(0, 1900, (600, 2)), rng.integers(1, 200, (600, 2))])
+    rows, cols, values = _overlapping(a, b)
+    expected = [(i, j, iou(list(x), list(y))) for i, x in enumerate(a.tolist()) for j, y in enumerate(b.tolist())
+                if iou(list(x), list(y)) > 0]
+    assert list(zip(rows.tolist(), cols.tolist(), values.tolist(), strict=True)) == expected
+    assert len(expected) > 100
+
+
+def test_a_tracker_that_would_match_without_overlap_is_refused() -> None:
+    with pytest.raises(ValueError, match="min_iou"):
+        CellTracker(min_iou=0.0)
