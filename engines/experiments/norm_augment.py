@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from calibration.temperature import fit_temperature
 from engines import evaluate, export, foreign, ood, pbc
 from engines.baseline import FIELD_UM, INPUT_SIZE, TrainConfig, prepare_data, train
 from engines.experiments.levers import row
@@ -84,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
                                         input_size=INPUT_SIZE, mean=data.mean, std=data.std, field_um=FIELD_UM,
                                         kind="baseline")  # the subset's mean/std: what the network trained with
             onnx_path = export.export_onnx(model, folder / "model.onnx", meta)
-            temperature = evaluate.fit_temperature(evaluate.onnx_logits(onnx_path, full.images["val"]),
-                                                   full.labels["val"])
+            temperature = fit_temperature(evaluate.onnx_logits(onnx_path, full.images["val"]),
+                                          full.labels["val"])
             export.write_metadata(onnx_path, export.replace(meta, temperature=round(temperature, 4)))
             result = row(folder, full, cells, domains)
             result["seconds"] = round(time.time() - began, 1)
