@@ -40,7 +40,7 @@ SCALE_NOTE = (
 
 # --------------------------------------------------------------------------------------------- model
 NORMS = ("batch", "group")
-INPUT_NORMS = ("none", "plasma")
+INPUT_NORMS = ("none", "plasma", "plasma-ratio")
 
 
 def make_norm(kind: str, channels: int) -> nn.Module:
@@ -84,12 +84,12 @@ class BaselineCNN(nn.Module):
         # input_norm "plasma": optical density against each crop's own plasma, in the graph
         # (engines.plasma_norm; needs the metadata's mean/std to undo the runtime's normalisation).
         self.plasma: nn.Module | None = None
-        if input_norm == "plasma":
+        if input_norm in ("plasma", "plasma-ratio"):  # "plasma-ratio": pixel / plasma, no logarithm (a control)
             from engines.plasma_norm import PlasmaNorm
 
             if pixel_mean is None or pixel_std is None:
-                raise ValueError("input_norm='plasma' needs pixel_mean and pixel_std")
-            self.plasma = PlasmaNorm(pixel_mean, pixel_std)
+                raise ValueError(f"input_norm={input_norm!r} needs pixel_mean and pixel_std")
+            self.plasma = PlasmaNorm(pixel_mean, pixel_std, mode="ratio" if input_norm == "plasma-ratio" else "od")
         elif input_norm != "none":
             raise ValueError(f"unknown input normalisation {input_norm!r} (one of {INPUT_NORMS})")
         self.stem = nn.Sequential(nn.Conv2d(3, stem, 3, 2, 1, bias=False), make_norm(norm, stem), nn.ReLU())
@@ -182,7 +182,8 @@ class TrainConfig:
     # disc are painted with the plasma colour (edge.classifier.hide_context).
     context_radius: float = 0.0
     norm: str = "batch"  # "group": GroupNorm instead of BatchNorm (robustness lever)
-    input_norm: str = "none"  # "plasma": optical density against each crop's plasma (engines.plasma_norm)
+    input_norm: str = "none"  # "plasma": optical density against each crop's plasma (engines.plasma_norm);
+    # "plasma-ratio": pixel / plasma without the logarithm
 
 
 @dataclass

@@ -19,6 +19,7 @@ Everything is in the network (``PlasmaNorm`` in front of ``engines.baseline.Base
    channel (TopK; a mean of a top quantile scales exactly with a per-channel gain, so the OD below is
    exactly invariant to one up to uint8 rounding and clipping);
 3. OD per channel, pixels and plasma floored at ``eps`` (a black pixel is about OD 5.5, not infinity);
+   (mode ``"ratio"``, a control: transmittance pixel / plasma, the same division without the logarithm);
 4. a fixed affine scale to a sensible range for the first convolution (``OD_MEAN``/``OD_STD``: PBC
    training crops' per-channel OD mean and sd, measured once, rounded; the stem's BatchNorm absorbs any
    residual scale, so they are not refitted per run).
@@ -37,6 +38,10 @@ from torch import nn
 # and 0.237/0.369/0.118; the plasma there is RGB 0.99/0.90/0.80).
 OD_MEAN = (0.15, 0.23, 0.11)
 OD_STD = (0.24, 0.37, 0.12)
+# The control without the logarithm (mode "ratio": transmittance pixel / plasma), same crops.
+RATIO_MEAN = (0.88, 0.84, 0.90)
+RATIO_STD = (0.16, 0.20, 0.10)
+MODES = ("od", "ratio")
 
 
 class PlasmaNorm(nn.Module):
@@ -44,8 +49,14 @@ class PlasmaNorm(nn.Module):
 
     def __init__(self, mean: list[float] | tuple[float, ...], std: list[float] | tuple[float, ...],
                  input_size: int = 64, pool: int = 4, top_fraction: float = 0.1, eps: float = 1.0 / 255.0,
-                 od_mean: tuple[float, ...] = OD_MEAN, od_std: tuple[float, ...] = OD_STD) -> None:
+                 mode: str = "od", od_mean: tuple[float, ...] | None = None,
+                 od_std: tuple[float, ...] | None = None) -> None:
         super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"unknown plasma mode {mode!r} (one of {MODES})")
+        self.mode = mode
+        od_mean = od_mean if od_mean is not None else (OD_MEAN if mode == "od" else RATIO_MEAN)
+        od_std = od_std if od_std is not None else (OD_STD if mode == "od" else RATIO_STD)
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("od_mean", torch.tensor(list(od_mean), dtype=torch.float32).view(1, 3, 1, 1))
@@ -64,5 +75,6 @@ class PlasmaNorm(nn.Module):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         pixels = image * self.std + self.mean
         plasma = self.plasma(pixels).clamp(min=self.eps)
-        od = torch.log(plasma) - torch.log(pixels.clamp(min=self.eps))
-        return (od - self.od_mean) / self.od_std
+        ratio = self.mode == "ratio"
+        value = pixels / plasma if ratio else torch.log(plasma) - torch.log(pixels.clamp(min=self.eps))
+        return (value - self.od_mean) / self.od_std

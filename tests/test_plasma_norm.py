@@ -120,3 +120,17 @@ def test_default_run_key_is_the_one_from_before_the_option() -> None:
     text = json.dumps({"cfg": old, "split": "abc", "n": {"train": 5, "val": 2}}, sort_keys=True)
     assert run_key(TrainConfig(), data) == hashlib.sha256(text.encode()).hexdigest()[:12]
     assert run_key(TrainConfig(input_norm="plasma"), data) != run_key(TrainConfig(), data)
+
+
+def test_ratio_control_is_also_gain_invariant_and_unknown_modes_fail() -> None:
+    from engines.baseline import BaselineCNN
+    from engines.plasma_norm import PlasmaNorm
+
+    torch.manual_seed(0)
+    model = BaselineCNN(8, 8, (8, 16, 16, 16), input_norm="plasma-ratio", pixel_mean=MEAN, pixel_std=STD).eval()
+    crops = _crops()
+    with torch.no_grad():
+        torch.testing.assert_close(model(_normalised(crops * np.float32([0.7, 0.9, 0.8]))), model(_normalised(crops)),
+                                   atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError):
+        PlasmaNorm(MEAN, STD, mode="log")

@@ -30,7 +30,10 @@ from engines.experiments.levers import row
 VARIANTS = {"bn+basic": ("batch", "basic", "none"), "gn+basic": ("group", "basic", "none"),
             "bn+strong": ("batch", "strong", "none"), "gn+strong": ("group", "strong", "none"),
             # plasma-relative input (engines.plasma_norm): optical density against each crop's own plasma
-            "bn+basic+plasma": ("batch", "basic", "plasma"), "bn+strong+plasma": ("batch", "strong", "plasma")}
+            "bn+basic+plasma": ("batch", "basic", "plasma"), "bn+strong+plasma": ("batch", "strong", "plasma"),
+            # the control: the same division by the plasma, without the logarithm (transmittance)
+            "bn+basic+ratio": ("batch", "basic", "plasma-ratio"),
+            "bn+strong+ratio": ("batch", "strong", "plasma-ratio")}
 DEFAULT_VARIANTS = ["bn+basic", "gn+basic", "bn+strong", "gn+strong"]
 
 
