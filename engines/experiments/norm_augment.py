@@ -1,5 +1,6 @@
 """Lever ablation (issue 15): normalisation (BatchNorm vs GroupNorm) x augmentation (basic vs ``strong``:
-wide colour, optics and scale), each alone and combined, several seeds, short runs on a PBC subset.
+wide colour, optics and scale), each alone and combined, several seeds, short runs on a PBC subset; also
+plasma-relative input normalisation (optical density or transmittance against each crop's own plasma).
 
 Short on purpose (a shared 2-core CPU): ``--per-class`` training crops per class, ``--epochs`` epochs, the
 baseline network and recipe (engines.baseline.train), so what differs between rows is the lever only.
@@ -9,6 +10,12 @@ on txl-pbc) and test figures (PBC test, tecom, cellavision-blog). Resumable: a f
 
     python -m engines.experiments.norm_augment --cells .cache/foreign/white64.npz \
         --out engines/experiments/results/norm_augment.json
+
+Plasma-relative input (``engines.plasma_norm``; docs/robustness.md), with the references re-run beside it::
+
+    python -m engines.experiments.norm_augment --cells .cache/foreign/white64.npz \
+        --out engines/experiments/results/plasma.json \
+        --variants bn+basic+plasma bn+strong+plasma bn+basic bn+strong bn+basic+ratio bn+strong+ratio
 """
 
 from __future__ import annotations
