@@ -40,6 +40,7 @@ SCALE_NOTE = (
 
 # --------------------------------------------------------------------------------------------- model
 NORMS = ("batch", "group")
+INPUT_NORMS = ("none", "plasma", "plasma-ratio")
 
 
 def make_norm(kind: str, channels: int) -> nn.Module:
@@ -77,8 +78,20 @@ class BaselineCNN(nn.Module):
     for little gain at this size), four residual stages, global average pooling, linear logits."""
 
     def __init__(self, num_classes: int, stem: int = 24, widths: tuple[int, ...] = (32, 64, 128, 192),
-                 norm: str = "batch") -> None:
+                 norm: str = "batch", input_norm: str = "none", pixel_mean: list[float] | None = None,
+                 pixel_std: list[float] | None = None) -> None:
         super().__init__()
+        # input_norm "plasma": optical density against each crop's own plasma, in the graph
+        # (engines.plasma_norm; needs the metadata's mean/std to undo the runtime's normalisation).
+        self.plasma: nn.Module | None = None
+        if input_norm in ("plasma", "plasma-ratio"):  # "plasma-ratio": pixel / plasma, no logarithm (a control)
+            from engines.plasma_norm import PlasmaNorm
+
+            if pixel_mean is None or pixel_std is None:
+                raise ValueError(f"input_norm={input_norm!r} needs pixel_mean and pixel_std")
+            self.plasma = PlasmaNorm(pixel_mean, pixel_std, mode="ratio" if input_norm == "plasma-ratio" else "od")
+        elif input_norm != "none":
+            raise ValueError(f"unknown input normalisation {input_norm!r} (one of {INPUT_NORMS})")
         self.stem = nn.Sequential(nn.Conv2d(3, stem, 3, 2, 1, bias=False), make_norm(norm, stem), nn.ReLU())
         blocks, cin = [], stem
         for i, width in enumerate(widths):
@@ -89,6 +102,8 @@ class BaselineCNN(nn.Module):
         self.head = nn.Linear(cin, num_classes)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if self.plasma is not None:
+            image = self.plasma(image)
         x = self.blocks(self.stem(image))
         return self.head(self.dropout(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)))
 
@@ -167,6 +182,8 @@ class TrainConfig:
     # disc are painted with the plasma colour (edge.classifier.hide_context).
     context_radius: float = 0.0
     norm: str = "batch"  # "group": GroupNorm instead of BatchNorm (robustness lever)
+    input_norm: str = "none"  # "plasma": optical density against each crop's plasma (engines.plasma_norm);
+    # "plasma-ratio": pixel / plasma without the logarithm
 
 
 @dataclass
@@ -238,6 +255,8 @@ def run_key(cfg: TrainConfig, data: PreparedData) -> str:
         del config["context_radius"]
     if config["norm"] == "batch":
         del config["norm"]
+    if config["input_norm"] == "none":
+        del config["input_norm"]
     text = json.dumps({"cfg": config, "split": data.split_summary["sha256"],
                        "n": {k: len(v) for k, v in data.labels.items()}}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
@@ -249,7 +268,8 @@ def train(root: Path, cfg: TrainConfig, checkpoint_dir: Path, resume: bool = Fal
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     data = prepare_data(root, cfg)
-    model = BaselineCNN(len(data.classes), cfg.stem, cfg.widths, cfg.norm).to(memory_format=torch.channels_last)
+    model = BaselineCNN(len(data.classes), cfg.stem, cfg.widths, cfg.norm, cfg.input_norm, data.mean,
+                        data.std).to(memory_format=torch.channels_last)
     train_x, train_y = data.images["train"], torch.from_numpy(data.labels["train"])
     val_x = hide_context(data.images["val"], cfg.context_radius) if cfg.context_radius else data.images["val"]
     steps_per_epoch = max(1, math.ceil(len(train_x) / cfg.batch_size))

@@ -1,5 +1,6 @@
 """Lever ablation (issue 15): normalisation (BatchNorm vs GroupNorm) x augmentation (basic vs ``strong``:
-wide colour, optics and scale), each alone and combined, several seeds, short runs on a PBC subset.
+wide colour, optics and scale), each alone and combined, several seeds, short runs on a PBC subset; also
+plasma-relative input normalisation (optical density or transmittance against each crop's own plasma).
 
 Short on purpose (a shared 2-core CPU): ``--per-class`` training crops per class, ``--epochs`` epochs, the
 baseline network and recipe (engines.baseline.train), so what differs between rows is the lever only.
@@ -9,6 +10,12 @@ on txl-pbc) and test figures (PBC test, tecom, cellavision-blog). Resumable: a f
 
     python -m engines.experiments.norm_augment --cells .cache/foreign/white64.npz \
         --out engines/experiments/results/norm_augment.json
+
+Plasma-relative input (``engines.plasma_norm``; docs/robustness.md), with the references re-run beside it::
+
+    python -m engines.experiments.norm_augment --cells .cache/foreign/white64.npz \
+        --out engines/experiments/results/plasma.json \
+        --variants bn+basic+plasma bn+strong+plasma bn+basic bn+strong bn+basic+ratio bn+strong+ratio
 """
 
 from __future__ import annotations
@@ -21,12 +28,20 @@ from pathlib import Path
 
 import numpy as np
 
+from calibration.temperature import fit_temperature
 from engines import evaluate, export, foreign, ood, pbc
 from engines.baseline import FIELD_UM, INPUT_SIZE, TrainConfig, prepare_data, train
 from engines.experiments.levers import row
 
-VARIANTS = {"bn+basic": ("batch", "basic"), "gn+basic": ("group", "basic"),
-            "bn+strong": ("batch", "strong"), "gn+strong": ("group", "strong")}
+# name -> (normalisation layers, augmentation, input normalisation)
+VARIANTS = {"bn+basic": ("batch", "basic", "none"), "gn+basic": ("group", "basic", "none"),
+            "bn+strong": ("batch", "strong", "none"), "gn+strong": ("group", "strong", "none"),
+            # plasma-relative input (engines.plasma_norm): optical density against each crop's own plasma
+            "bn+basic+plasma": ("batch", "basic", "plasma"), "bn+strong+plasma": ("batch", "strong", "plasma"),
+            # the control: the same division by the plasma, without the logarithm (transmittance)
+            "bn+basic+ratio": ("batch", "basic", "plasma-ratio"),
+            "bn+strong+ratio": ("batch", "strong", "plasma-ratio")}
+DEFAULT_VARIANTS = ["bn+basic", "gn+basic", "bn+strong", "gn+strong"]
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -49,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--cells", type=Path, required=True, help="python -m engines.foreign cut output")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=DEFAULT_VARIANTS)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--per-class", type=int, default=200)
     parser.add_argument("--epochs", type=int, default=4)
@@ -61,17 +76,18 @@ def main(argv: list[str] | None = None) -> int:
     domains, _ = ood.domain_crops(pbc.CLASSES, FIELD_UM, INPUT_SIZE)
     report = json.loads(args.out.read_text()) if args.out.is_file() else {}
     report.update({"per_class": args.per_class, "epochs": args.epochs, "seeds": args.seeds,
-                   "variants": {k: {"norm": n, "augment": a} for k, (n, a) in VARIANTS.items()}})
+                   "variants": {k: {"norm": n, "augment": a, "input_norm": i} for k, (n, a, i) in VARIANTS.items()
+                                if k in args.variants or any(r.startswith(k + "/") for r in report.get("runs", {}))}})
     report.setdefault("runs", {})
     for seed in range(args.seeds):  # seed-major: an interrupted run still has every variant at seed 0
         for name in args.variants:
             key = f"{name}/seed{seed}"
             if key in report["runs"]:
                 continue
-            norm, augment = VARIANTS[name]
+            norm, augment, input_norm = VARIANTS[name]
             began = time.time()
             cfg = TrainConfig(epochs=args.epochs, per_class_limit=args.per_class, norm=norm, augment=augment,
-                              seed=seed, threads=1)
+                              input_norm=input_norm, seed=seed, threads=1)
             model, data, _ = train(root, cfg, args.work / "checkpoints", resume=True, log=lambda *_: None)
             folder = args.work / f"{name}-seed{seed}"
             folder.mkdir(parents=True, exist_ok=True)
@@ -79,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                                         input_size=INPUT_SIZE, mean=data.mean, std=data.std, field_um=FIELD_UM,
                                         kind="baseline")  # the subset's mean/std: what the network trained with
             onnx_path = export.export_onnx(model, folder / "model.onnx", meta)
-            temperature = evaluate.fit_temperature(evaluate.onnx_logits(onnx_path, full.images["val"]),
-                                                   full.labels["val"])
+            temperature = fit_temperature(evaluate.onnx_logits(onnx_path, full.images["val"]),
+                                          full.labels["val"])
             export.write_metadata(onnx_path, export.replace(meta, temperature=round(temperature, 4)))
             result = row(folder, full, cells, domains)
             result["seconds"] = round(time.time() - began, 1)
