@@ -39,7 +39,7 @@ class Preset:
 
 PRESETS = {
     "smoke": Preset(steps=6, batch=4, crop=96, width=8, lr=2e-3, frames_per_source=4, save_every=3),
-    "full": Preset(steps=3000, batch=16, crop=192, width=24, lr=2e-3),
+    "full": Preset(steps=3000, batch=16, crop=192, width=16, lr=3e-3),
 }
 
 
