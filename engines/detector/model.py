@@ -3,8 +3,8 @@
 Sized for a 2-core CPU at inference (a 640x480 BCCD frame is ~160x120 at 0.3 µm/px, a 1080p frame
 ~480x270: about 0.7 GMAC, a third of the first, wider draft's, which took 24 ms there) and for
 training here in minutes: four stride-2 stages (receptive field > a 16 µm white cell at 0.3 µm/px),
-two upsampling steps with skips back to 1/4, one shared 3x3 layer, then three 1x1 heads - per-class centre heat map (sigmoid),
-log box size in µm, sub-cell centre offset.
+two upsampling steps with skips back to 1/4, one shared 3x3 layer, then three 1x1 heads - per-class
+centre heat map (sigmoid), log box size in µm, sub-cell centre offset.
 """
 
 from __future__ import annotations
