@@ -20,7 +20,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from edge.cellfinder import Detection, _check_scale, _clip_box
+from edge.cellfinder import Detection, _check_scale
 from edge.crops import as_bgr
 from edge.errors import ModelError
 
@@ -81,13 +81,23 @@ def plasma_colour(image_bgr: np.ndarray) -> np.ndarray:
     return np.median(bright, axis=0).astype(np.float32) + 1.0
 
 
+def od_table(plasma: np.ndarray, od_scale: float = 2.0) -> np.ndarray:
+    """(1, 256, 3) float32: each uint8 value's optical density per channel, clipped and scaled."""
+    values = np.log(np.arange(1, 257, dtype=np.float32))[:, None]  # ln(value + 1)
+    od = np.clip(np.log(plasma)[None, :] - values, -0.5, 3.0) * np.float32(od_scale)
+    return np.ascontiguousarray(od[None].astype(np.float32))
+
+
+def optical_density_hwc(image_bgr: np.ndarray, od_scale: float = 2.0) -> np.ndarray:
+    """(H, W, 3) float32: ln(plasma / pixel) per channel, times ``od_scale``; 0 on plasma.
+
+    One table lookup per pixel (cv2.LUT), not a logarithm: the frame has only 256 values per channel."""
+    return cv2.LUT(image_bgr, od_table(plasma_colour(image_bgr), od_scale))
+
+
 def optical_density(image_bgr: np.ndarray, od_scale: float = 2.0) -> np.ndarray:
-    """(3, H, W) float32: ln(plasma / pixel) per channel, times ``od_scale``; 0 on plasma."""
-    plasma = plasma_colour(image_bgr)
-    lut = np.log(np.arange(1, 257, dtype=np.float32))  # ln(value + 1) for every uint8 value
-    od = np.log(plasma)[None, None, :] - lut[image_bgr]
-    np.clip(od, -0.5, 3.0, out=od)
-    return np.ascontiguousarray((od * od_scale).transpose(2, 0, 1))
+    """(3, H, W) float32 optical density, the network's layout (see :func:`optical_density_hwc`)."""
+    return np.ascontiguousarray(optical_density_hwc(image_bgr, od_scale).transpose(2, 0, 1))
 
 
 def to_work_scale(image_bgr: np.ndarray, um_per_px: float, work_um_per_px: float) -> tuple[np.ndarray, float]:
@@ -102,11 +112,12 @@ def to_work_scale(image_bgr: np.ndarray, um_per_px: float, work_um_per_px: float
 
 def network_input(small_bgr: np.ndarray, meta: DetectorMetadata) -> np.ndarray:
     """(1, 3, H', W') OD input padded with plasma (OD 0) to a multiple of ``pad_multiple``."""
-    od = optical_density(small_bgr, meta.od_scale)
-    _, height, width = od.shape
+    od = optical_density_hwc(small_bgr, meta.od_scale)
+    height, width = od.shape[:2]
     m = meta.pad_multiple
     padded = np.zeros((1, 3, -(-height // m) * m, -(-width // m) * m), np.float32)
-    padded[0, :, :height, :width] = od
+    for channel in range(3):
+        padded[0, channel, :height, :width] = od[..., channel]
     return padded
 
 
@@ -127,14 +138,21 @@ def decode(heat: np.ndarray, size: np.ndarray, offset: np.ndarray, meta: Detecto
         if len(ys) > MAX_PEAKS:
             keep = np.argsort(-heat[index, ys, xs])[:MAX_PEAKS]
             ys, xs = ys[keep], xs[keep]
-        for y, x in zip(ys.tolist(), xs.tolist(), strict=True):
-            cx = (x + 0.5 + float(offset[0, y, x])) * meta.stride / scale
-            cy = (y + 0.5 + float(offset[1, y, x])) * meta.stride / scale
-            w = math.exp(float(np.clip(size[0, y, x], -1.0, 4.0))) * px_per_um
-            h = math.exp(float(np.clip(size[1, y, x], -1.0, 4.0))) * px_per_um
-            box = _clip_box(cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2, width, height)
-            if box is not None:
-                out.append(Detection(kind, box, round(float(heat[index, y, x]), 4)))
+        if len(ys) == 0:
+            continue
+        cx = (xs + 0.5 + offset[0, ys, xs]) * (meta.stride / scale)
+        cy = (ys + 0.5 + offset[1, ys, xs]) * (meta.stride / scale)
+        w = np.exp(np.clip(size[0, ys, xs], -1.0, 4.0)) * px_per_um
+        h = np.exp(np.clip(size[1, ys, xs], -1.0, 4.0)) * px_per_um
+        x0 = np.maximum(0, np.floor(cx - w / 2)).astype(int)
+        y0 = np.maximum(0, np.floor(cy - h / 2)).astype(int)
+        x1 = np.minimum(width, np.ceil(cx + w / 2)).astype(int)
+        y1 = np.minimum(height, np.ceil(cy + h / 2)).astype(int)
+        scores = np.round(heat[index, ys, xs].astype(np.float64), 4)
+        keep = (x1 - x0 >= 1) & (y1 - y0 >= 1)
+        out.extend(Detection(kind, (a, b, c - a, d - b), s) for a, b, c, d, s in zip(
+            x0[keep].tolist(), y0[keep].tolist(), x1[keep].tolist(), y1[keep].tolist(), scores[keep].tolist(),
+            strict=True))
     return out
 
 
