@@ -1,6 +1,6 @@
 """The benchmark tables of docs/benchmarks.md, from one command:
 
-    python -m edge.benchreport [--runs 3] [--models baseline-cnn student-v1] [--threads N]
+    python -m edge.benchreport [--runs 3] [--models baseline-cnn student-v1] [--threads N] [--finder learned]
 
 Runs `cytoedge bench` over 640x480 (the bundled frames) and 1920x1080 (tiled from them, as JPEG files,
 and in memory as a raw camera offers them), at full speed and at an offered 30 frames/s, for each
@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every run's frame count (e.g. 0.1)")
     parser.add_argument("--threads", type=int, default=None,
                         help="ONNX Runtime threads (default: the config's); the model's answers are the same")
+    parser.add_argument("--finder", choices=("classic", "learned"), default=None,
+                        help="cell finder ([detector] method; default: the config's)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
     base = cfg.load(None)
@@ -88,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
             config = cfg.with_overrides(base, "benchreport", model__path=str(model_path))
             if args.threads:
                 config = cfg.with_overrides(config, "benchreport", model__threads=args.threads)
+            if args.finder:
+                config = cfg.with_overrides(config, "benchreport", detector__method=args.finder)
             rows = []
             for label, size, in_memory, fps, frames in CASES:
                 path = tiled if size else bundled_samples()
@@ -97,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
                     results.append(run_bench(config, path, max(4, round(frames * args.scale)), fps, in_memory))
                 rows.append((label, fps, results, loads))
             print()
-            print(table(f"{model} ({results[-1]['model']}, ONNX Runtime, {results[-1]['threads']} threads)", rows))
+            finder = config["detector"]["method"]
+            print(table(f"{model} ({results[-1]['model']}, ONNX Runtime, {results[-1]['threads']} threads, "
+                        f"{finder} cell finder)", rows))
     return 0
 
 
