@@ -153,7 +153,23 @@ def decode(heat: np.ndarray, size: np.ndarray, offset: np.ndarray, meta: Detecto
         out.extend(Detection(kind, (a, b, c - a, d - b), s) for a, b, c, d, s in zip(
             x0[keep].tolist(), y0[keep].tolist(), x1[keep].tolist(), y1[keep].tolist(), scores[keep].tolist(),
             strict=True))
-    return out
+    return _one_per_white_cell(out)
+
+
+def _one_per_white_cell(found: list[Detection]) -> list[Detection]:
+    """Drop a white cell whose centre lies inside a stronger white cell's box.
+
+    White cells do not sit on top of each other, but under a new stain a large cell can give the
+    heat map two peaks (nucleus lobes); chosen on validation frames (Raabin val precision
+    0.971 -> 0.990, recall unchanged; no change on BCCD / BCD)."""
+    white = sorted((d for d in found if d.kind == "wbc"), key=lambda d: -d.score)
+    kept: list[Detection] = []
+    for cell in white:
+        cx, cy = cell.bbox[0] + cell.bbox[2] / 2, cell.bbox[1] + cell.bbox[3] / 2
+        if not any(k.bbox[0] <= cx <= k.bbox[0] + k.bbox[2] and k.bbox[1] <= cy <= k.bbox[1] + k.bbox[3]
+                   for k in kept):
+            kept.append(cell)
+    return kept + [d for d in found if d.kind != "wbc"]
 
 
 class LearnedFinder:

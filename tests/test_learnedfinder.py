@@ -92,6 +92,15 @@ def test_one_heat_peak_decodes_to_one_box_of_the_predicted_size_in_frame_pixels(
     assert x + w / 2 == pytest.approx((20.5 * 4) / scale, abs=2) and y + h / 2 == pytest.approx(10.5 * 4 / scale, abs=2)
 
 
+def test_a_second_peak_inside_a_white_cell_is_not_a_second_white_cell() -> None:
+    heat = np.zeros((3, 30, 40), np.float32)
+    heat[0, 10, 20], heat[0, 10, 24] = 0.9, 0.6  # two lobes of one 12 µm cell, 4.8 µm apart
+    heat[0, 25, 5] = 0.5  # a separate cell
+    size = np.full((2, 30, 40), math.log(12.0), np.float32)
+    cells = decode(heat, size, np.zeros((2, 30, 40), np.float32), META, 0.25, (480, 640))
+    assert sorted(c.score for c in cells) == [pytest.approx(0.5), pytest.approx(0.9)]
+
+
 def test_peaks_under_the_class_threshold_are_not_cells() -> None:
     heat = np.zeros((3, 10, 10), np.float32)
     heat[2, 5, 5] = 0.29
