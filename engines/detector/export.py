@@ -83,7 +83,7 @@ def export(weights: Path, out: Path, name: str, version: str) -> DetectorMetadat
     preset = state["preset"]
     meta = DetectorMetadata(name=name, version=version, classes=list(CLASSES),
                             work_um_per_px=preset["work_um_per_px"], stride=STRIDE, thresholds={})
-    val = load("val", tuple(state["sources"]))
+    val = load("val", tuple(state["sources"]), preset.get("frames_per_source"))  # all of them, but in smoke runs
     meta = DetectorMetadata(**{**meta.__dict__, "thresholds": fit_thresholds(model, val, meta)})
     example = torch.from_numpy(np.random.default_rng(0).normal(0, 0.5, (1, 3, 128, 160)).astype(np.float32))
     buffer = io.BytesIO()
