@@ -81,9 +81,10 @@ class ReplaySource:
 
     def frames(self, stop: threading.Event) -> Iterator[Frame]:
         frame_id = 0
+        started = time.monotonic()
         while not stop.is_set():
-            started = time.monotonic()
             produced = 0
+            last_offset: float | None = None
             for item in self._reader.items():
                 if stop.is_set():
                     return
@@ -96,12 +97,24 @@ class ReplaySource:
                         return
                 self.stats.read += 1
                 produced += 1
+                last_offset = item.offset_s
                 captured = item.captured_at if item.captured_at is not None else time.time()
                 yield Frame(item.image, frame_id, captured, item.origin)
                 frame_id += 1
             if not self.loop or produced == 0:
                 break
+            started = _next_loop_start(started, last_offset, produced)
         self.state = "ended"
+
+
+def _next_loop_start(started: float, last_offset: float | None, produced: int) -> float:
+    """When a paced replay starts over, its first frame comes one frame interval after the last one, as
+    a camera's would; restarting the clock at once sent two frames back to back at every loop, and a
+    live (drop-oldest) pipeline dropped one each time."""
+    if last_offset is None:
+        return time.monotonic()
+    gap = last_offset / (produced - 1) if produced > 1 else 0.0
+    return started + last_offset + gap
 
 
 class _Reader:

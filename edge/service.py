@@ -101,7 +101,7 @@ def run_pipeline(pipeline: Pipeline, on_reload: Callable[[], None] | None = None
 # What a reload applies between frames; every other key is read only at start and needs a restart.
 ALL = "*"
 RELOADABLE: dict[str, Any] = {
-    "microscope": ALL, "finder": ALL, "quality": ALL, "review": ALL, "drift": ALL,
+    "microscope": ALL, "finder": ALL, "detector": ALL, "quality": ALL, "review": ALL, "drift": ALL,
     "model": ALL, "tensorrt": ALL,  # a change reopens the classifier
     "publish": {"status_interval_s", "preview_interval_s", "preview_width", "thumbs"},
     "pipeline": {"max_cells_per_frame"},

@@ -73,6 +73,7 @@ def replay_messages(
         publish__warmup_s=0.0,
         publish__preview_interval_s=0.0,
         model__path=str(REPO / "engines" / "models" / "baseline-cnn" / "model.onnx"),
+        detector__method="classic",  # the finder the baseline was recorded with (the default is now learned)
         **overrides,
     )
     pipeline = build_pipeline(config)

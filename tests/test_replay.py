@@ -80,6 +80,23 @@ def test_loop_keeps_counting_frame_ids(tmp_path: Path) -> None:
     assert [Path(f.source).name for f in frames] == ["a.jpg", "b.jpg", "a.jpg", "b.jpg", "a.jpg"]
 
 
+def test_a_paced_loop_keeps_the_frame_interval_across_the_restart(tmp_path: Path) -> None:
+    """Like a camera: the first frame of the next pass comes one interval after the last, not at once."""
+    import time
+
+    shutil.copy(SAMPLES / "BloodImage_00007.jpg", tmp_path / "a.jpg")
+    shutil.copy(SAMPLES / "BloodImage_00011.jpg", tmp_path / "b.jpg")
+    stop = threading.Event()
+    arrivals = []
+    for _frame in ReplaySource(tmp_path, pace="recorded", fps=20.0, loop=True).frames(stop):
+        arrivals.append(time.monotonic())
+        if len(arrivals) == 6:
+            stop.set()
+    gaps = np.diff(arrivals)
+    assert gaps.min() > 0.03  # 50 ms apart; the old restart gave ~0 ms at each pass
+    assert abs((arrivals[-1] - arrivals[0]) - 5 * 0.05) < 0.05
+
+
 def test_replay_is_deterministic(tmp_path: Path) -> None:
     first = collect(ReplaySource(SAMPLES, pace="max"))
     second = collect(ReplaySource(SAMPLES, pace="max"))
