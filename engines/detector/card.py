@@ -62,8 +62,8 @@ def training_summary(model_dir: Path) -> dict:
             "final_loss": float(last["loss"]), "loss_at": {r["step"]: float(r["loss"]) for r in rows[::30]}}
 
 
-def render(meta: dict, results: dict[str, dict], training: dict) -> str:
-    lines = [f"# Model card: {meta['name']}-{meta['version']} (learned cell finder)", "",
+def render(title: str, meta: dict, results: dict[str, dict], training: dict) -> str:
+    lines = [f"# Model card: {title} (learned cell finder, {meta['name']} version {meta['version']})", "",
              "A CenterNet-style heat-map detector (white cell / red cell / platelet) on a small encoder-decoder "
              "(`engines/detector/model.py`), seeing the frame as optical density relative to its own plasma at "
              f"{meta['work_um_per_px']} µm/px. Runs with ONNX Runtime (`edge/learnedfinder.py`); "
@@ -80,7 +80,8 @@ def render(meta: dict, results: dict[str, dict], training: dict) -> str:
              f"- `python -m engines.detector.train --preset full` then `python -m engines.detector.export`: "
              f"{training.get('steps', '?')} steps of 16 random 192 px squares (scale ×0.8–1.25, defocus, gamma, "
              "white balance, noise, random stain mix in optical density, flips and quarter turns), "
-             f"{training.get('cpu_seconds_wall', 0) / 60:.0f} min on a {MACHINE} (shared with other jobs); "
+             f"{training.get('cpu_seconds_wall', 0) / 60:.0f} min wall-clock on a {MACHINE} (shared with two other "
+             "engineers' jobs; about 10 min when it had the machine, as the leave-one-out runs did); "
              f"final loss {training.get('final_loss', float('nan')):.3f} (loss.csv).", "",
              f"Thresholds: {json.dumps(meta['thresholds'])}", "",
              "## Figures per microscope", "",
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             "data": {"train": "TXL-PBC train (bccd, bcd, raabin), BCCD VOC val/test copies dropped",
                      "licence": "TXL-PBC MIT; BCCD MIT"},
             "figures": results}
-    cards.save(args.model, card, render(meta, results, training))
+    cards.save(args.model, card, render(args.model.name, meta, results, training))
     print(f"wrote {args.model / 'card.md'}")
     return 0
 
