@@ -58,7 +58,7 @@ def test_calibrate_site_writes_scale_and_gate_in_one_go_and_keeps_comments(tmp_p
                      "--write")
     assert result.returncode == 0, result.stderr
     assert "confidence" in result.stdout and "quality:" in result.stdout and "finder:" in result.stdout
-    assert "learned finder: cells per frame: wbc 1." in result.stdout  # 22 white cells in 20 frames
+    assert "learned finder (in use: [detector] method = learned): cells per frame: wbc 1." in result.stdout
     loaded = cfg.load(config)
     assert 0.065 < loaded["microscope"]["um_per_px"] < 0.08
     assert loaded["quality"]["min_focus"] > 0 and loaded["quality"]["min_contrast"] > 0

@@ -8,7 +8,7 @@ from conftest import SAMPLES
 
 from edge import config as cfg
 from edge.analysis import CLASSIFIED_KINDS
-from edge.cellfinder import find_cells
+from edge.finders import configured_finder
 from edge.frames import Frame
 from edge.models import open_classifier
 from edge.pipeline import Pipeline, Settings
@@ -18,6 +18,7 @@ from edge.replay import ReplaySource
 
 def test_cap_counts_classified_cells_and_keeps_every_red_cell(endpoint: str) -> None:
     config = cfg.load(None)
+    find_cells = configured_finder(config)  # the finder the pipeline runs
     image = max((cv2.imread(str(p)) for p in sorted(SAMPLES.glob("*.jpg"))),
                 key=lambda im: sum(d.kind in CLASSIFIED_KINDS for d in find_cells(im, 0.075)))
     found = find_cells(image, config["microscope"]["um_per_px"])
