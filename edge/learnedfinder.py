@@ -23,6 +23,7 @@ import numpy as np
 from edge.cellfinder import Detection, _check_scale
 from edge.crops import as_bgr
 from edge.errors import ModelError
+from edge.onnx_backend import open_session
 
 METADATA_KEY = "cytoedge.detector"
 FORMAT = "cytoedge-detector/1"
@@ -176,20 +177,8 @@ class LearnedFinder:
     """Runs the detector ONNX file with ONNX Runtime on the CPU (one session, bounded threads)."""
 
     def __init__(self, path: Path, threads: int = 1) -> None:
-        import onnxruntime as ort
-
         self.path = Path(path)
-        if not self.path.is_file():
-            raise ModelError(f"detector model not found: {self.path}")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        try:
-            self._session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # ORT raises its own types for unreadable files
-            raise ModelError(f"cannot load detector {self.path}: {str(exc).strip()[:300]}") from None
+        self._session = open_session(self.path, threads, what="detector")
         custom = self._session.get_modelmeta().custom_metadata_map
         if METADATA_KEY not in custom:
             raise ModelError(f"{self.path}: not a cytoedge detector (no '{METADATA_KEY}' metadata)")

@@ -25,27 +25,33 @@ def model_id(meta: ModelMetadata, sha256: str) -> str:
     return f"{meta.name}-{meta.version}@{sha256[:12]}"
 
 
+def open_session(path: Path, threads: int, spin: bool = False, what: str = "model") -> object:
+    """A CPU ONNX Runtime session with bounded threads; ``what`` names the file in errors ("model",
+    "detector"). A missing or unreadable file is a ModelError with the reason, never ORT's traceback."""
+    import onnxruntime as ort
+
+    if not path.is_file():
+        raise ModelError(f"{what} file not found: {path}")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    # Idle ONNX Runtime threads spin for a while waiting for work by default; on a 2-core device
+    # that steals the core the capture and finder threads need between model calls.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0" if not spin else "1")
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own exception types for unreadable models
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load {what} {path}: {first_line[:300]}") from None
+
+
 class OnnxRuntimeClassifier:
     """Runs a whole frame's crops as one batch; thread count is bounded so capture keeps a core."""
 
     def __init__(self, path: Path, threads: int = 2, spin: bool = False) -> None:
-        import onnxruntime as ort
-
         self.path = Path(path)
-        if not self.path.is_file():
-            raise ModelError(f"model file not found: {self.path}")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        # Idle ONNX Runtime threads spin for a while waiting for work by default; on a 2-core device
-        # that steals the core the capture and finder threads need between model calls.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0" if not spin else "1")
-        try:
-            self._session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # ORT raises its own exception types for unreadable models
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelError(f"cannot load model {self.path}: {first_line[:300]}") from None
+        self._session = open_session(self.path, threads, spin)
         self.metadata = read_onnx_metadata(self._session, self.path)
         self.sha256 = file_sha256(self.path)
         self.model_id = model_id(self.metadata, self.sha256)

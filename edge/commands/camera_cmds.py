@@ -94,17 +94,15 @@ def learned_summary(frames: list, um_per_px: float, config: dict) -> str:
     """Cells per frame by the learned finder at the new scale: a second opinion beside the classic
     finder's line (two finders that disagree on a site's white cells are worth a look before trusting either)."""
     from edge.errors import ModelError
-    from edge.finders import bundled_detector_path
-    from edge.learnedfinder import LearnedFinder
+    from edge.finders import configured_finder
 
-    path = Path(config["detector"]["model"]).expanduser() if config["detector"]["model"] else bundled_detector_path()
     try:
-        finder = LearnedFinder(path)
+        find = configured_finder({**config, "detector": {**config["detector"], "method": "learned"}})
     except ModelError as exc:
         return f"learned finder: not available ({exc})"
     counts: dict[str, int] = {"wbc": 0, "platelet": 0, "rbc": 0}
     for image in frames:
-        for d in finder.find(image, um_per_px):
+        for d in find(image, um_per_px):
             counts[d.kind] += 1
     n = max(1, len(frames))
     used = " (in use: [detector] method = learned)" if config["detector"]["method"] == "learned" else ""

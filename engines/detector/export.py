@@ -12,6 +12,7 @@ is written (then renamed).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import sys
 from pathlib import Path
@@ -59,7 +60,7 @@ def fit_thresholds(model: CenterNetLite, items: list[Labelled], meta: DetectorMe
     for kind in CLASSES:
         best = (-1.0, 0.3)
         for threshold in GRID:
-            trial = DetectorMetadata(**{**meta.__dict__, "thresholds": {k: threshold for k in CLASSES}})
+            trial = dataclasses.replace(meta, thresholds={k: threshold for k in CLASSES})
             tp = found = truth = 0
             for item, (heat, size, offset, scale) in zip(items, outputs, strict=True):
                 mine = [d for d in decode(heat, size, offset, trial, scale, item.image.shape[:2]) if d.kind == kind]
@@ -84,7 +85,7 @@ def export(weights: Path, out: Path, name: str, version: str) -> DetectorMetadat
     meta = DetectorMetadata(name=name, version=version, classes=list(CLASSES),
                             work_um_per_px=preset["work_um_per_px"], stride=STRIDE, thresholds={})
     val = load("val", tuple(state["sources"]), preset.get("frames_per_source"))  # all of them, but in smoke runs
-    meta = DetectorMetadata(**{**meta.__dict__, "thresholds": fit_thresholds(model, val, meta)})
+    meta = dataclasses.replace(meta, thresholds=fit_thresholds(model, val, meta))
     example = torch.from_numpy(np.random.default_rng(0).normal(0, 0.5, (1, 3, 128, 160)).astype(np.float32))
     buffer = io.BytesIO()
     with torch.no_grad():

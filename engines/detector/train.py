@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
+import io
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edge.fileutil import atomic_write
 from engines.detector.dataset import MICROSCOPE_OF, TXL_SOURCES, Labelled, load, sample
 from engines.detector.model import CenterNetLite
 
@@ -71,9 +72,10 @@ def batch_of(items: list[Labelled], rng: np.random.Generator, preset: Preset) ->
 
 
 def save_atomic(state: dict, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Checkpoints go through the project's one atomic writer: a killed run leaves the old file."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write(path, buffer.getvalue())
 
 
 def train(preset_name: str, out: Path, leave_out: str | None = None, seed: int = 0) -> Path:
@@ -113,11 +115,11 @@ def train(preset_name: str, out: Path, leave_out: str | None = None, seed: int =
             schedule.step()
             step += 1
             if step % 10 == 0 or step == preset.steps:
-                log.writerow([step, f"{float(total):.4f}", *(f"{v:.4f}" for v in parts.values()),
+                log.writerow([step, f"{total.item():.4f}", *(f"{v:.4f}" for v in parts.values()),
                               f"{time.monotonic() - started:.0f}"])
                 handle.flush()
             if step % 50 == 0:
-                print(f"step {step}/{preset.steps} loss {float(total):.3f} {parts} "
+                print(f"step {step}/{preset.steps} loss {total.item():.3f} {parts} "
                       f"{time.monotonic() - started:.0f}s", flush=True)
             if step % preset.save_every == 0 or step == preset.steps:
                 save_atomic({"model": model.state_dict(), "optimiser": optimiser.state_dict(),
