@@ -27,6 +27,7 @@ from torch import nn
 from calibration.temperature import fit_temperature
 from edge.classifier import hide_context
 from engines import pbc
+from engines.augment import augment_batch
 
 INPUT_SIZE = 64
 # PBC crops are 144 px over a ~36 µm field (see docs/models.md for the red-cell measurement).
@@ -79,7 +80,7 @@ class BaselineCNN(nn.Module):
 
     def __init__(self, num_classes: int, stem: int = 24, widths: tuple[int, ...] = (32, 64, 128, 192),
                  norm: str = "batch", input_norm: str = "none", pixel_mean: list[float] | None = None,
-                 pixel_std: list[float] | None = None) -> None:
+                 pixel_std: list[float] | None = None, style: str = "none") -> None:
         super().__init__()
         # input_norm "plasma": optical density against each crop's own plasma, in the graph
         # (engines.plasma_norm; needs the metadata's mean/std to undo the runtime's normalisation).
@@ -98,13 +99,29 @@ class BaselineCNN(nn.Module):
             blocks.append(BasicBlock(cin, width, 1 if i == 0 else 2, norm))
             cin = width
         self.blocks = nn.Sequential(*blocks)
+        # style "batch"/"foreign": feature-style mixing after the stem and the first two stages, in training
+        # only (engines.style_mix; no parameters, absent from the exported graph).
+        self.styles = nn.ModuleList()
+        if style != "none":
+            from engines.style_mix import DONORS, StyleMix
+
+            if style not in DONORS:
+                raise ValueError(f"unknown style mixing {style!r} (one of {DONORS})")
+            self.styles = nn.ModuleList(StyleMix() for _ in range(3))
         self.dropout = nn.Dropout(0.1)
         self.head = nn.Linear(cin, num_classes)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         if self.plasma is not None:
             image = self.plasma(image)
-        x = self.blocks(self.stem(image))
+        if not len(self.styles):
+            x = self.blocks(self.stem(image))
+        else:
+            x = self.styles[0](self.stem(image))
+            for i, block in enumerate(self.blocks):
+                x = block(x)
+                if i + 1 < len(self.styles):
+                    x = self.styles[i + 1](x)
         return self.head(self.dropout(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)))
 
 
@@ -184,6 +201,12 @@ class TrainConfig:
     norm: str = "batch"  # "group": GroupNorm instead of BatchNorm (robustness lever)
     input_norm: str = "none"  # "plasma": optical density against each crop's plasma (engines.plasma_norm);
     # "plasma-ratio": pixel / plasma without the logarithm
+    style: str = "none"  # "batch" / "foreign": feature-style mixing (engines.style_mix), a robustness lever
+    # style "foreign": style donors, other microscopes' unlabelled white cells (python -m engines.foreign cut;
+    # only its train-frame cells are used), this many per batch, without the sources named in foreign_exclude
+    foreign_cells: str = ""
+    foreign_batch: int = 64
+    foreign_exclude: tuple[str, ...] = ()
 
 
 @dataclass
@@ -257,9 +280,29 @@ def run_key(cfg: TrainConfig, data: PreparedData) -> str:
         del config["norm"]
     if config["input_norm"] == "none":
         del config["input_norm"]
+    if config["style"] == "none":
+        for key in ("style", "foreign_cells", "foreign_batch", "foreign_exclude"):
+            del config[key]
+    elif config["foreign_cells"]:
+        config["foreign_cells"] = Path(config["foreign_cells"]).name  # the run, not where the file lies
     text = json.dumps({"cfg": config, "split": data.split_summary["sha256"],
                        "n": {k: len(v) for k, v in data.labels.items()}}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def style_donors(cfg: TrainConfig) -> np.ndarray | None:
+    """The foreign white cells that lend their styles (train frames only, minus the excluded sources)."""
+    if cfg.style != "foreign":
+        return None
+    if not cfg.foreign_cells:
+        raise ValueError("style 'foreign' needs foreign_cells (python -m engines.foreign cut --out FILE)")
+    from engines import foreign
+
+    cells = foreign.load(Path(cfg.foreign_cells))
+    keep = (cells["split"] == "train") & ~np.isin(cells["source"], list(cfg.foreign_exclude))
+    if not keep.any():
+        raise ValueError(f"no foreign train-frame cells left in {cfg.foreign_cells} without {cfg.foreign_exclude}")
+    return cells["crops"][keep]
 
 
 def train(root: Path, cfg: TrainConfig, checkpoint_dir: Path, resume: bool = False,
@@ -269,8 +312,9 @@ def train(root: Path, cfg: TrainConfig, checkpoint_dir: Path, resume: bool = Fal
     torch.manual_seed(cfg.seed)
     data = prepare_data(root, cfg)
     model = BaselineCNN(len(data.classes), cfg.stem, cfg.widths, cfg.norm, cfg.input_norm, data.mean,
-                        data.std).to(memory_format=torch.channels_last)
+                        data.std, cfg.style).to(memory_format=torch.channels_last)
     train_x, train_y = data.images["train"], torch.from_numpy(data.labels["train"])
+    donors = style_donors(cfg)
     val_x = hide_context(data.images["val"], cfg.context_radius) if cfg.context_radius else data.images["val"]
     steps_per_epoch = max(1, math.ceil(len(train_x) / cfg.batch_size))
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
@@ -304,15 +348,23 @@ def train(root: Path, cfg: TrainConfig, checkpoint_dir: Path, resume: bool = Fal
                 continue
             batch = train_x[idx.numpy()]
             if cfg.augment != "basic":
-                from engines.augment import augment_batch
-
                 batch = augment_batch(batch, cfg.augment, np.random.default_rng([cfg.seed, epoch, step]))
             if cfg.context_radius:  # after the colour ops, as the runtime hides the context of a foreign crop
                 batch = hide_context(batch, cfg.context_radius)
+            y = train_y[idx]
+            if cfg.style != "none":
+                rng = np.random.default_rng([cfg.seed, epoch, step, 7])
+                if donors is not None:  # foreign cells ride behind the labelled ones, as style donors only
+                    extra = donors[rng.integers(0, len(donors), cfg.foreign_batch)]
+                    if cfg.augment != "basic":
+                        extra = augment_batch(extra, cfg.augment, rng)
+                    batch = np.concatenate([batch, extra])
+                from engines.style_mix import set_batch
+
+                set_batch(model, len(y), rng)
             x = augment(to_tensor(batch), gen)
             x = normalise(x, data.mean, data.std).contiguous(memory_format=torch.channels_last)
-            y = train_y[idx]
-            logits = model(x)
+            logits = model(x)[:len(y)]
             loss = F.cross_entropy(logits, y)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()

@@ -1,6 +1,7 @@
 """Lever ablation (issue 15): normalisation (BatchNorm vs GroupNorm) x augmentation (basic vs ``strong``:
 wide colour, optics and scale), each alone and combined, several seeds, short runs on a PBC subset; also
-plasma-relative input normalisation (optical density or transmittance against each crop's own plasma).
+plasma-relative input normalisation (optical density or transmittance against each crop's own plasma) and
+feature-style mixing (engines.style_mix) with PBC or other microscopes' unlabelled cells as donors.
 
 Short on purpose (a shared 2-core CPU): ``--per-class`` training crops per class, ``--epochs`` epochs, the
 baseline network and recipe (engines.baseline.train), so what differs between rows is the lever only.
@@ -16,6 +17,14 @@ Plasma-relative input (``engines.plasma_norm``; docs/robustness.md), with the re
     python -m engines.experiments.norm_augment --cells .cache/foreign/white64.npz \
         --out engines/experiments/results/plasma.json \
         --variants bn+basic+plasma bn+strong+plasma bn+basic bn+strong bn+basic+ratio bn+strong+ratio
+
+Style mixing (``+mix``: PBC donors; ``+xmix``: txl-pbc train-frame white cells as donors). A model that
+trained on foreign cells has seen those microscopes, so for ``+xmix`` the leave-one-microscope-out figure
+comes from three more runs per seed, each without one source's cells, measured on that source only::
+
+    python -m engines.experiments.norm_augment --cells .cache/foreign/white64.npz \
+        --out engines/experiments/results/style.json \
+        --variants bn+basic bn+strong bn+basic+mix bn+strong+mix bn+basic+xmix bn+strong+xmix
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -33,14 +43,19 @@ from engines import evaluate, export, foreign, ood, pbc
 from engines.baseline import FIELD_UM, INPUT_SIZE, TrainConfig, prepare_data, train
 from engines.experiments.levers import row
 
-# name -> (normalisation layers, augmentation, input normalisation)
-VARIANTS = {"bn+basic": ("batch", "basic", "none"), "gn+basic": ("group", "basic", "none"),
-            "bn+strong": ("batch", "strong", "none"), "gn+strong": ("group", "strong", "none"),
+# name -> (normalisation layers, augmentation, input normalisation, style mixing)
+VARIANTS = {"bn+basic": ("batch", "basic", "none", "none"), "gn+basic": ("group", "basic", "none", "none"),
+            "bn+strong": ("batch", "strong", "none", "none"), "gn+strong": ("group", "strong", "none", "none"),
             # plasma-relative input (engines.plasma_norm): optical density against each crop's own plasma
-            "bn+basic+plasma": ("batch", "basic", "plasma"), "bn+strong+plasma": ("batch", "strong", "plasma"),
+            "bn+basic+plasma": ("batch", "basic", "plasma", "none"),
+            "bn+strong+plasma": ("batch", "strong", "plasma", "none"),
             # the control: the same division by the plasma, without the logarithm (transmittance)
-            "bn+basic+ratio": ("batch", "basic", "plasma-ratio"),
-            "bn+strong+ratio": ("batch", "strong", "plasma-ratio")}
+            "bn+basic+ratio": ("batch", "basic", "plasma-ratio", "none"),
+            "bn+strong+ratio": ("batch", "strong", "plasma-ratio", "none"),
+            # feature-style mixing (engines.style_mix): PBC donors, or other microscopes' white cells
+            "bn+basic+mix": ("batch", "basic", "none", "batch"), "bn+strong+mix": ("batch", "strong", "none", "batch"),
+            "bn+basic+xmix": ("batch", "basic", "none", "foreign"),
+            "bn+strong+xmix": ("batch", "strong", "none", "foreign")}
 DEFAULT_VARIANTS = ["bn+basic", "gn+basic", "bn+strong", "gn+strong"]
 
 
@@ -50,7 +65,10 @@ def summarise(runs: list[dict]) -> dict:
         return [r[key][sub] if sub else r[key] for r in runs]
 
     out = {}
-    for key in ("pbc_val_balanced_accuracy", "pbc_test_balanced_accuracy", "lomo_mean_distance"):
+    for key in ("pbc_val_balanced_accuracy", "pbc_test_balanced_accuracy", "lomo_mean_distance",
+                "lomo_seen_mean_distance"):
+        if key not in runs[0]:
+            continue
         v = values(key)
         out[key] = [round(float(np.mean(v)), 4), round(float(np.std(v)), 4)]
     for domain in ("tecom", "cellavision-blog"):
@@ -76,36 +94,62 @@ def main(argv: list[str] | None = None) -> int:
     domains, _ = ood.domain_crops(pbc.CLASSES, FIELD_UM, INPUT_SIZE)
     report = json.loads(args.out.read_text()) if args.out.is_file() else {}
     report.update({"per_class": args.per_class, "epochs": args.epochs, "seeds": args.seeds,
-                   "variants": {k: {"norm": n, "augment": a, "input_norm": i} for k, (n, a, i) in VARIANTS.items()
+                   "variants": {k: {"norm": n, "augment": a, "input_norm": i, "style": m}
+                                for k, (n, a, i, m) in VARIANTS.items()
                                 if k in args.variants or any(r.startswith(k + "/") for r in report.get("runs", {}))}})
     report.setdefault("runs", {})
+    sources = sorted(set(cells["source"].tolist()))
+    held = cells["split"] != "train"
     for seed in range(args.seeds):  # seed-major: an interrupted run still has every variant at seed 0
         for name in args.variants:
-            key = f"{name}/seed{seed}"
-            if key in report["runs"]:
-                continue
-            norm, augment, input_norm = VARIANTS[name]
-            began = time.time()
-            cfg = TrainConfig(epochs=args.epochs, per_class_limit=args.per_class, norm=norm, augment=augment,
-                              input_norm=input_norm, seed=seed, threads=1)
-            model, data, _ = train(root, cfg, args.work / "checkpoints", resume=True, log=lambda *_: None)
-            folder = args.work / f"{name}-seed{seed}"
-            folder.mkdir(parents=True, exist_ok=True)
-            meta = export.make_metadata(name=f"lever-{name}", version=str(seed), classes=data.classes,
-                                        input_size=INPUT_SIZE, mean=data.mean, std=data.std, field_um=FIELD_UM,
-                                        kind="baseline")  # the subset's mean/std: what the network trained with
-            onnx_path = export.export_onnx(model, folder / "model.onnx", meta)
-            temperature = fit_temperature(evaluate.onnx_logits(onnx_path, full.images["val"]),
-                                          full.labels["val"])
-            export.write_metadata(onnx_path, export.replace(meta, temperature=round(temperature, 4)))
-            result = row(folder, full, cells, domains)
-            result["seconds"] = round(time.time() - began, 1)
-            report["runs"][key] = result
-            print(key, json.dumps(result), flush=True)
-            report["summary"] = {v: summarise([r for k, r in report["runs"].items() if k.startswith(v + "/")])
-                                 for v in VARIANTS if any(k.startswith(v + "/") for k in report["runs"])}
-            pbc.atomic_write_json(args.out, report)
+            norm, augment, input_norm, style = VARIANTS[name]
+            base = TrainConfig(epochs=args.epochs, per_class_limit=args.per_class, norm=norm, augment=augment,
+                               input_norm=input_norm, style=style, seed=seed, threads=1,
+                               foreign_cells=str(args.cells) if style == "foreign" else "")
+            # A model that trained on foreign cells is measured leave-one-microscope-out by runs without each.
+            folds = [(f"/without-{s}", (s,)) for s in sources] if style == "foreign" else []
+            for suffix, exclude in [("", ()), *folds]:
+                key = f"{name}/seed{seed}{suffix}"
+                if key in report["runs"]:
+                    continue
+                began = time.time()
+                folder = args.work / f"{name}-seed{seed}{suffix.replace('/', '-')}"
+                cfg = replace(base, foreign_exclude=exclude)
+                fit_and_export(root, cfg, full, folder, f"lever-{name}", args.work / "checkpoints")
+                if exclude:
+                    mask = held & (cells["source"] == exclude[0])
+                    spread = foreign.measure(folder / "model.onnx", {k: v[mask] for k, v in cells.items()
+                                                                     if k != "scales"})
+                    result = {"left_out": exclude[0], "distance": spread["mean_distance_from_normal"]}
+                else:
+                    result = row(folder, full, cells, domains)
+                result["seconds"] = round(time.time() - began, 1)
+                report["runs"][key] = result
+                print(key, json.dumps(result), flush=True)
+                if folds and all(f"{name}/seed{seed}{f}" in report["runs"] for f, _ in [("", ()), *folds]):
+                    whole = report["runs"][f"{name}/seed{seed}"]
+                    whole.setdefault("lomo_seen_mean_distance", whole["lomo_mean_distance"])
+                    left = {s: report["runs"][f"{name}/seed{seed}/without-{s}"]["distance"] for s in sources}
+                    whole["lomo_distance_from_normal"] = left
+                    whole["lomo_mean_distance"] = round(float(np.mean(list(left.values()))), 4)
+                report["summary"] = {v: summarise([r for k, r in report["runs"].items()
+                                                   if k.startswith(v + "/") and k.count("/") == 1])
+                                     for v in VARIANTS if any(k.startswith(v + "/") for k in report["runs"])}
+                pbc.atomic_write_json(args.out, report)
     return 0
+
+
+def fit_and_export(root: Path, cfg: TrainConfig, full, folder: Path, name: str, checkpoints: Path) -> Path:
+    """Train one lever model, export it like a shipped one (ONNX; temperature on the full validation split)."""
+    model, data, _ = train(root, cfg, checkpoints, resume=True, log=lambda *_: None)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = export.make_metadata(name=name, version=str(cfg.seed), classes=data.classes,
+                                input_size=INPUT_SIZE, mean=data.mean, std=data.std, field_um=FIELD_UM,
+                                kind="baseline")  # the subset's mean/std: what the network trained with
+    onnx_path = export.export_onnx(model, folder / "model.onnx", meta)
+    temperature = fit_temperature(evaluate.onnx_logits(onnx_path, full.images["val"]), full.labels["val"])
+    export.write_metadata(onnx_path, export.replace(meta, temperature=round(temperature, 4)))
+    return onnx_path
 
 
 if __name__ == "__main__":
