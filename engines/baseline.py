@@ -111,7 +111,8 @@ class BaselineCNN(nn.Module):
         self.dropout = nn.Dropout(0.1)
         self.head = nn.Linear(cin, num_classes)
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
+    def features(self, image: torch.Tensor) -> torch.Tensor:
+        """Pooled features before the head (a student's extra heads read them too)."""
         if self.plasma is not None:
             image = self.plasma(image)
         if not len(self.styles):
@@ -122,7 +123,10 @@ class BaselineCNN(nn.Module):
                 x = block(x)
                 if i + 1 < len(self.styles):
                     x = self.styles[i + 1](x)
-        return self.head(self.dropout(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)))
+        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.features(image)))
 
 
 WEIGHTS_FILE = "weights.pt"  # beside model.onnx: what `cytoedge adapt` starts from

@@ -43,13 +43,14 @@ class Student(nn.Module):
     """BaselineCNN (same weights layout, so it can start from a trained baseline) + a 2-unit head on the
     pooled features: sigmoid -> (uncertainty, anomaly), both in 0..1 as the runtime expects."""
 
-    def __init__(self, num_classes: int, stem: int = 24, widths: tuple[int, ...] = (32, 64, 128, 192)) -> None:
+    def __init__(self, num_classes: int, stem: int = 24, widths: tuple[int, ...] = (32, 64, 128, 192),
+                 style: str = "none") -> None:
         super().__init__()
-        self.body = BaselineCNN(num_classes, stem, widths)
+        self.body = BaselineCNN(num_classes, stem, widths, style=style)
         self.aux = nn.Linear(widths[-1], 2)
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        pooled = torch.flatten(F.adaptive_avg_pool2d(self.body.blocks(self.body.stem(image)), 1), 1)
+        pooled = self.body.features(image)
         logits = self.body.head(self.body.dropout(pooled))
         aux = torch.sigmoid(self.aux(pooled))
         return logits, aux[:, 0], aux[:, 1]
