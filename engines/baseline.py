@@ -206,7 +206,11 @@ class TrainConfig:
     input_norm: str = "none"  # "plasma": optical density against each crop's plasma (engines.plasma_norm);
     # "plasma-ratio": pixel / plasma without the logarithm
     style: str = "none"  # "batch" / "foreign": feature-style mixing (engines.style_mix), a robustness lever
-    # style "foreign": style donors, other microscopes' unlabelled white cells (python -m engines.foreign cut;
+    # > 0: weight of a consistency loss on other microscopes' unlabelled white cells (FixMatch, Sohn et al.
+    # 2020): the network's confident call on a lightly changed view is the target for a ``strong`` view
+    consistency: float = 0.0
+    consistency_threshold: float = 0.9
+    # style "foreign" / consistency: other microscopes' unlabelled white cells (python -m engines.foreign cut;
     # only its train-frame cells are used), this many per batch, without the sources named in foreign_exclude
     foreign_cells: str = ""
     foreign_batch: int = 64
@@ -284,22 +288,26 @@ def run_key(cfg: TrainConfig, data: PreparedData) -> str:
         del config["norm"]
     if config["input_norm"] == "none":
         del config["input_norm"]
-    if config["style"] == "none":
+    if config["style"] == "none" and not config["consistency"]:
         for key in ("style", "foreign_cells", "foreign_batch", "foreign_exclude"):
             del config[key]
-    elif config["foreign_cells"]:
+    if not config["consistency"]:
+        del config["consistency"], config["consistency_threshold"]
+    if config.get("foreign_cells"):
         config["foreign_cells"] = Path(config["foreign_cells"]).name  # the run, not where the file lies
     text = json.dumps({"cfg": config, "split": data.split_summary["sha256"],
                        "n": {k: len(v) for k, v in data.labels.items()}}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def style_donors(cfg: TrainConfig) -> np.ndarray | None:
-    """The foreign white cells that lend their styles (train frames only, minus the excluded sources)."""
-    if cfg.style != "foreign":
+def foreign_pool(cfg: TrainConfig) -> np.ndarray | None:
+    """Other microscopes' unlabelled white cells, for style mixing or consistency (train frames only, minus
+    the excluded sources); None when the run uses neither."""
+    if cfg.style != "foreign" and not cfg.consistency:
         return None
     if not cfg.foreign_cells:
-        raise ValueError("style 'foreign' needs foreign_cells (python -m engines.foreign cut --out FILE)")
+        raise ValueError("foreign style mixing or consistency needs foreign_cells "
+                         "(python -m engines.foreign cut --out FILE)")
     from engines import foreign
 
     cells = foreign.load(Path(cfg.foreign_cells))
@@ -307,6 +315,19 @@ def style_donors(cfg: TrainConfig) -> np.ndarray | None:
     if not keep.any():
         raise ValueError(f"no foreign train-frame cells left in {cfg.foreign_cells} without {cfg.foreign_exclude}")
     return cells["crops"][keep]
+
+
+@torch.no_grad()
+def consistency_targets(model: nn.Module, cells_bgr: np.ndarray, data: PreparedData, gen: torch.Generator,
+                        threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """FixMatch's pseudo-labels: the network's call on a lightly changed view (flips, shift, light jitter) in
+    inference mode, kept (1.0) where its confidence reaches ``threshold``."""
+    model.eval()
+    weak = normalise(augment(to_tensor(cells_bgr), gen), data.mean, data.std)
+    probs = F.softmax(model(weak.contiguous(memory_format=torch.channels_last)), 1)
+    model.train()
+    confidence, label = probs.max(1)
+    return label, (confidence >= threshold).float()
 
 
 def train(root: Path, cfg: TrainConfig, checkpoint_dir: Path, resume: bool = False,
@@ -318,7 +339,7 @@ def train(root: Path, cfg: TrainConfig, checkpoint_dir: Path, resume: bool = Fal
     model = BaselineCNN(len(data.classes), cfg.stem, cfg.widths, cfg.norm, cfg.input_norm, data.mean,
                         data.std, cfg.style).to(memory_format=torch.channels_last)
     train_x, train_y = data.images["train"], torch.from_numpy(data.labels["train"])
-    donors = style_donors(cfg)
+    pool = foreign_pool(cfg)
     val_x = hide_context(data.images["val"], cfg.context_radius) if cfg.context_radius else data.images["val"]
     steps_per_epoch = max(1, math.ceil(len(train_x) / cfg.batch_size))
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
@@ -356,20 +377,29 @@ def train(root: Path, cfg: TrainConfig, checkpoint_dir: Path, resume: bool = Fal
             if cfg.context_radius:  # after the colour ops, as the runtime hides the context of a foreign crop
                 batch = hide_context(batch, cfg.context_radius)
             y = train_y[idx]
+            rng = np.random.default_rng([cfg.seed, epoch, step, 7])
+            targets = None
+            if pool is not None:  # foreign cells ride behind the labelled ones in the same batch
+                extra = pool[rng.integers(0, len(pool), cfg.foreign_batch)]
+                if cfg.consistency:
+                    targets = consistency_targets(model, extra, data, gen, cfg.consistency_threshold)
+                    extra = augment_batch(extra, "strong", rng)
+                elif cfg.augment != "basic":
+                    extra = augment_batch(extra, cfg.augment, rng)
+                batch = np.concatenate([batch, extra])
             if cfg.style != "none":
-                rng = np.random.default_rng([cfg.seed, epoch, step, 7])
-                if donors is not None:  # foreign cells ride behind the labelled ones, as style donors only
-                    extra = donors[rng.integers(0, len(donors), cfg.foreign_batch)]
-                    if cfg.augment != "basic":
-                        extra = augment_batch(extra, cfg.augment, rng)
-                    batch = np.concatenate([batch, extra])
                 from engines.style_mix import set_batch
 
                 set_batch(model, len(y), rng)
             x = augment(to_tensor(batch), gen)
             x = normalise(x, data.mean, data.std).contiguous(memory_format=torch.channels_last)
-            logits = model(x)[:len(y)]
+            outputs = model(x)
+            logits = outputs[:len(y)]
             loss = F.cross_entropy(logits, y)
+            if targets is not None:
+                label, keep = targets
+                kept = F.cross_entropy(outputs[len(y):], label, reduction="none") * keep
+                loss = loss + cfg.consistency * kept.mean()
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()

@@ -76,21 +76,48 @@ def test_a_style_model_has_the_plain_weights_layout_and_exports_the_plain_graph(
 
 
 def test_training_with_foreign_donors_needs_the_cells_file() -> None:
-    from engines.baseline import TrainConfig, style_donors
+    from engines.baseline import TrainConfig, foreign_pool
 
-    with pytest.raises(ValueError, match="foreign_cells"):
-        style_donors(TrainConfig(style="foreign"))
-    assert style_donors(TrainConfig()) is None
+    with pytest.raises(ValueError, match="needs foreign_cells"):
+        foreign_pool(TrainConfig(style="foreign"))
+    assert foreign_pool(TrainConfig()) is None
 
 
 def test_foreign_donors_are_train_frame_cells_without_the_left_out_source(tmp_path) -> None:
-    from engines.baseline import TrainConfig, style_donors
+    from engines.baseline import TrainConfig, foreign_pool
 
     crops = np.arange(6, dtype=np.uint8).reshape(6, 1, 1, 1) * np.ones((6, 4, 4, 3), np.uint8)
     path = tmp_path / "cells.npz"
     np.savez(path, crops=crops, source=np.array(["a", "a", "b", "b", "c", "c"]),
              split=np.array(["train", "val", "train", "train", "train", "test"]), frame=np.arange(6))
-    donors = style_donors(TrainConfig(style="foreign", foreign_cells=str(path), foreign_exclude=("b",)))
+    donors = foreign_pool(TrainConfig(style="foreign", foreign_cells=str(path), foreign_exclude=("b",)))
     assert sorted(int(c[0, 0, 0]) for c in donors) == [0, 4]
     with pytest.raises(ValueError, match="no foreign train-frame cells"):
-        style_donors(TrainConfig(style="foreign", foreign_cells=str(path), foreign_exclude=("a", "b", "c")))
+        foreign_pool(TrainConfig(style="foreign", foreign_cells=str(path), foreign_exclude=("a", "b", "c")))
+
+
+def test_consistency_targets_keep_only_confident_calls_and_leave_the_model_training() -> None:
+    from types import SimpleNamespace
+
+    from engines.baseline import BaselineCNN, consistency_targets
+
+    torch.manual_seed(0)
+    model = BaselineCNN(8, 8, (8, 16, 16, 16)).train()
+    cells = np.random.default_rng(0).integers(0, 255, (10, 64, 64, 3), dtype=np.uint8)
+    data = SimpleNamespace(mean=[0.5] * 3, std=[0.25] * 3)
+    label, keep = consistency_targets(model, cells, data, torch.Generator().manual_seed(0), threshold=0.0)
+    assert model.training and label.shape == (10,) and bool((keep == 1).all())
+    _, none_kept = consistency_targets(model, cells, data, torch.Generator().manual_seed(0), threshold=1.01)
+    assert float(none_kept.sum()) == 0.0
+
+
+def test_consistency_runs_get_their_own_checkpoint_key() -> None:
+    from types import SimpleNamespace
+
+    from engines.baseline import TrainConfig, run_key
+
+    data = SimpleNamespace(split_summary={"sha256": "abc"}, labels={"train": [0] * 5, "val": [0] * 2})
+    plain = run_key(TrainConfig(), data)
+    fix = run_key(TrainConfig(consistency=1.0, foreign_cells="/somewhere/white64.npz"), data)
+    moved = run_key(TrainConfig(consistency=1.0, foreign_cells="elsewhere/white64.npz"), data)
+    assert fix != plain and fix == moved  # where the cells file lies is not part of the run

@@ -24,16 +24,8 @@ import torch
 
 from engines import evaluate, export, ood, pbc
 from engines.adapt import predict_probs, reestimate_batchnorm
-from engines.baseline import FIELD_UM, INPUT_SIZE, BaselineCNN, TrainConfig, prepare_data, run_key
-from engines.experiments.norm_augment import VARIANTS
-
-
-def lever_config(name: str, seed: int, report: dict, cells: Path) -> TrainConfig:
-    """The TrainConfig a lever run was trained with (the harness's settings, one thread)."""
-    norm, augment, input_norm, style = VARIANTS[name]
-    return TrainConfig(epochs=report["epochs"], per_class_limit=report["per_class"], norm=norm, augment=augment,
-                       input_norm=input_norm, style=style, seed=seed, threads=1,
-                       foreign_cells=str(cells) if style == "foreign" else "")
+from engines.baseline import FIELD_UM, INPUT_SIZE, BaselineCNN, prepare_data, run_key
+from engines.experiments.norm_augment import lever_config
 
 
 def halves(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -60,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         if key.count("/") != 1 or key in report["runs"]:
             continue  # leave-one-out folds are for selection only
         name, seed = key.split("/")[0], int(key.split("seed")[1])
-        cfg = lever_config(name, seed, levers, args.cells)
+        cfg = lever_config(name, seed, levers["epochs"], levers["per_class"], args.cells)
         data = prepare_data(root, cfg)
         checkpoint = args.work / "checkpoints" / f"run-{run_key(cfg, data)}.pt"
         if not checkpoint.is_file():

@@ -55,7 +55,10 @@ VARIANTS = {"bn+basic": ("batch", "basic", "none", "none"), "gn+basic": ("group"
             # feature-style mixing (engines.style_mix): PBC donors, or other microscopes' white cells
             "bn+basic+mix": ("batch", "basic", "none", "batch"), "bn+strong+mix": ("batch", "strong", "none", "batch"),
             "bn+basic+xmix": ("batch", "basic", "none", "foreign"),
-            "bn+strong+xmix": ("batch", "strong", "none", "foreign")}
+            "bn+strong+xmix": ("batch", "strong", "none", "foreign"),
+            # consistency on other microscopes' unlabelled white cells (FixMatch; engines.baseline)
+            "bn+basic+xfix": ("batch", "basic", "none", "none"), "bn+strong+xfix": ("batch", "strong", "none", "none")}
+CONSISTENCY = {"bn+basic+xfix": 1.0, "bn+strong+xfix": 1.0}  # name -> weight of the consistency loss
 DEFAULT_VARIANTS = ["bn+basic", "gn+basic", "bn+strong", "gn+strong"]
 
 
@@ -94,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     domains, _ = ood.domain_crops(pbc.CLASSES, FIELD_UM, INPUT_SIZE)
     report = json.loads(args.out.read_text()) if args.out.is_file() else {}
     report.update({"per_class": args.per_class, "epochs": args.epochs, "seeds": args.seeds,
-                   "variants": {k: {"norm": n, "augment": a, "input_norm": i, "style": m}
+                   "variants": {k: {"norm": n, "augment": a, "input_norm": i, "style": m,
+                                    "consistency": CONSISTENCY.get(k, 0.0)}
                                 for k, (n, a, i, m) in VARIANTS.items()
                                 if k in args.variants or any(r.startswith(k + "/") for r in report.get("runs", {}))}})
     report.setdefault("runs", {})
@@ -102,12 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     held = cells["split"] != "train"
     for seed in range(args.seeds):  # seed-major: an interrupted run still has every variant at seed 0
         for name in args.variants:
-            norm, augment, input_norm, style = VARIANTS[name]
-            base = TrainConfig(epochs=args.epochs, per_class_limit=args.per_class, norm=norm, augment=augment,
-                               input_norm=input_norm, style=style, seed=seed, threads=1,
-                               foreign_cells=str(args.cells) if style == "foreign" else "")
+            base = lever_config(name, seed, args.epochs, args.per_class, args.cells)
             # A model that trained on foreign cells is measured leave-one-microscope-out by runs without each.
-            folds = [(f"/without-{s}", (s,)) for s in sources] if style == "foreign" else []
+            folds = [(f"/without-{s}", (s,)) for s in sources] if base.foreign_cells else []
             for suffix, exclude in [("", ()), *folds]:
                 key = f"{name}/seed{seed}{suffix}"
                 if key in report["runs"]:
@@ -137,6 +138,15 @@ def main(argv: list[str] | None = None) -> int:
                                      for v in VARIANTS if any(k.startswith(v + "/") for k in report["runs"])}
                 pbc.atomic_write_json(args.out, report)
     return 0
+
+
+def lever_config(name: str, seed: int, epochs: int, per_class: int, cells: Path) -> TrainConfig:
+    """The TrainConfig of one lever run (one thread; foreign cells only where the lever uses them)."""
+    norm, augment, input_norm, style = VARIANTS[name]
+    consistency = CONSISTENCY.get(name, 0.0)
+    return TrainConfig(epochs=epochs, per_class_limit=per_class, norm=norm, augment=augment, input_norm=input_norm,
+                       style=style, consistency=consistency, seed=seed, threads=1,
+                       foreign_cells=str(cells) if style == "foreign" or consistency else "")
 
 
 def fit_and_export(root: Path, cfg: TrainConfig, full, folder: Path, name: str, checkpoints: Path) -> Path:
