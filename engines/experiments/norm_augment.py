@@ -64,18 +64,17 @@ DEFAULT_VARIANTS = ["bn+basic", "gn+basic", "bn+strong", "gn+strong"]
 
 def summarise(runs: list[dict]) -> dict:
     """Mean and sd over seeds of every number in the rows (nested one level for the domains)."""
-    def values(key: str, sub: str | None = None) -> list[float]:
-        return [r[key][sub] if sub else r[key] for r in runs]
-
     out = {}
+    folded = [r for r in runs if "lomo_seen_mean_distance" in r]  # foreign-cell runs whose folds are all done
     for key in ("pbc_val_balanced_accuracy", "pbc_test_balanced_accuracy", "lomo_mean_distance",
                 "lomo_seen_mean_distance"):
-        if key not in runs[0]:
+        chosen = folded if key.startswith("lomo") and folded else runs
+        v = [r[key] for r in chosen if key in r]
+        if not v:
             continue
-        v = values(key)
         out[key] = [round(float(np.mean(v)), 4), round(float(np.std(v)), 4)]
     for domain in ("tecom", "cellavision-blog"):
-        v = values(domain, "balanced_accuracy")
+        v = [r[domain]["balanced_accuracy"] for r in runs]
         out[f"{domain}_balanced_accuracy"] = [round(float(np.mean(v)), 4), round(float(np.std(v)), 4)]
     return out
 
