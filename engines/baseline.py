@@ -215,6 +215,8 @@ class TrainConfig:
     foreign_cells: str = ""
     foreign_batch: int = 64
     foreign_exclude: tuple[str, ...] = ()
+    # "": from scratch; else the weights to start from (a weights.pt beside a shipped model, or a checkpoint)
+    init: str = ""
 
 
 @dataclass
@@ -293,6 +295,8 @@ def run_key(cfg: TrainConfig, data: PreparedData) -> str:
             del config[key]
     if not config["consistency"]:
         del config["consistency"], config["consistency_threshold"]
+    if not config["init"]:
+        del config["init"]
     if config.get("foreign_cells"):
         config["foreign_cells"] = Path(config["foreign_cells"]).name  # the run, not where the file lies
     text = json.dumps({"cfg": config, "split": data.split_summary["sha256"],
@@ -340,6 +344,10 @@ def train(root: Path, cfg: TrainConfig, checkpoint_dir: Path, resume: bool = Fal
                         data.std, cfg.style).to(memory_format=torch.channels_last)
     train_x, train_y = data.images["train"], torch.from_numpy(data.labels["train"])
     pool = foreign_pool(cfg)
+    if cfg.init:
+        state = torch.load(cfg.init, map_location="cpu", weights_only=False)
+        model.load_state_dict(state.get("model", state.get("state_dict", state)))
+        log(f"initialised from {cfg.init}")
     val_x = hide_context(data.images["val"], cfg.context_radius) if cfg.context_radius else data.images["val"]
     steps_per_epoch = max(1, math.ceil(len(train_x) / cfg.batch_size))
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]

@@ -86,6 +86,12 @@ TRIED = [
     "Distilling students on the teacher's posterior over unlabelled white cells of three other microscopes "
     "(txl-pbc), against the same student without them (docs/robustness.md, foreign-cell lever).",
     "Normalisation (GroupNorm vs BatchNorm) × colour/optics augmentation, short seeded runs (docs/robustness.md).",
+    "Plasma-relative input normalisation (optical density against each crop's own plasma, in the graph): invariant to "
+    "a lamp/camera gain as designed, but 6–24 points worse on both foreign sets (docs/robustness.md).",
+    "Other microscopes' unlabelled white cells (txl-pbc) in training without a teacher: as style donors for feature-"
+    "style mixing (MixStyle), and as targets of a FixMatch-style consistency loss, with leave-one-microscope-out "
+    "folds, 3 seeds; neither beat the colour/optics augmentation alone on tecom or cellavision-blog, and label-free "
+    "batch-norm re-estimation at the site did not stack with that augmentation (docs/robustness.md).",
     "`cytoedge adapt` from the student (its weights unfolded from the ONNX file): batch-norm re-estimation and "
     "fine-tuning with PBC replay, 0/20/50/100 labels, 3 seeds (the adaptation table above).",
 ]
