@@ -141,7 +141,11 @@ def test_bundled_frame_figures_are_what_the_command_computes_and_what_the_docs_q
     committed = json.loads((int8.OUT_DIR / "bundled.json").read_text())
     fresh = int8.bundled_agreement(default_model_path(), QDQ, threads=1)
     for group in ("all", "wbc", "platelet"):
-        assert fresh[group] == committed[group], group
+        # ONNX Runtime's INT8 kernels differ by CPU instruction set (VNNI or not), so the mean difference may
+        # move in the fourth decimal between machines; the agreement counts may not.
+        counts = {k: v for k, v in fresh[group].items() if k != "mean_abs_prob_diff"}
+        assert counts == {k: v for k, v in committed[group].items() if k != "mean_abs_prob_diff"}, group
+        assert fresh[group]["mean_abs_prob_diff"] == pytest.approx(committed[group]["mean_abs_prob_diff"], abs=1e-3)
     assert fresh["all"]["cells"] == fresh["wbc"]["cells"] + fresh["platelet"]["cells"]
     assert committed["int8_sha256"] == file_sha256(QDQ)
     page = (Path(__file__).resolve().parents[1] / "docs" / "tensorrt.md").read_text()
