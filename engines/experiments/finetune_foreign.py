@@ -21,9 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-from engines import foreign, ood, pbc
-from engines.baseline import FIELD_UM, INPUT_SIZE, TrainConfig, prepare_data
-from engines.experiments.levers import row
+from engines import pbc
+from engines.baseline import TrainConfig
+from engines.experiments.levers import inputs, row
 from engines.experiments.norm_augment import fit_and_export
 
 # name -> TrainConfig overrides on top of the fine-tuning recipe
@@ -44,10 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-class", type=int, default=0, help="crops per class (0 = all; small for a smoke run)")
     parser.add_argument("--work", type=Path, default=pbc.REPO_ROOT / ".cache" / "finetune-foreign")
     args = parser.parse_args(argv)
-    root = pbc.data_dir(None)
-    full = prepare_data(root, TrainConfig())
-    cells = foreign.load(args.cells)
-    domains, _ = ood.domain_crops(pbc.CLASSES, FIELD_UM, INPUT_SIZE)
+    root, full, cells, domains = inputs(args.cells)
     report = json.loads(args.out.read_text()) if args.out.is_file() else {"runs": {}}
     report["recipe"] = {"init": args.init, "augment": args.augment, "epochs": args.epochs, "lr": args.lr,
                         "seed": args.seed, "per_class": args.per_class, "variants": VARIANTS}

@@ -24,6 +24,14 @@ from engines import evaluate, foreign, ood, pbc
 from engines.baseline import TrainConfig, prepare_data
 
 
+def inputs(cells_path: Path) -> tuple[Path, object, dict, dict]:
+    """What every lever measurement needs: the PBC folder, the full prepared split, the foreign cells and the
+    wbc-shift domains cut at the model's field."""
+    root = pbc.data_dir(None)
+    domains, _ = ood.domain_crops(pbc.CLASSES, 36.0, 64)
+    return root, prepare_data(root, TrainConfig()), foreign.load(cells_path), domains
+
+
 def row(folder: Path, data, cells: dict, domains: dict) -> dict:
     model = OnnxRuntimeClassifier(folder / "model.onnx", threads=1)
     classes = model.metadata.classes
@@ -48,9 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cells", type=Path, required=True, help="python -m engines.foreign cut output")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    data = prepare_data(pbc.data_dir(None), TrainConfig())
-    cells = foreign.load(args.cells)
-    domains, _ = ood.domain_crops(pbc.CLASSES, 36.0, 64)
+    _, data, cells, domains = inputs(args.cells)
     report = {"selection": ["pbc_val_balanced_accuracy", "lomo_mean_distance"],
               "tests": ["pbc_test_balanced_accuracy", *domains],
               "lomo_cells": {s: int(((cells["source"] == s) & (cells["split"] != "train")).sum())

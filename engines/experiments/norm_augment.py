@@ -39,9 +39,9 @@ from pathlib import Path
 import numpy as np
 
 from calibration.temperature import fit_temperature
-from engines import evaluate, export, foreign, ood, pbc
-from engines.baseline import FIELD_UM, INPUT_SIZE, TrainConfig, prepare_data, train
-from engines.experiments.levers import row
+from engines import evaluate, export, foreign, pbc
+from engines.baseline import FIELD_UM, INPUT_SIZE, TrainConfig, train
+from engines.experiments.levers import inputs, row
 
 # name -> (normalisation layers, augmentation, input normalisation, style mixing)
 VARIANTS = {"bn+basic": ("batch", "basic", "none", "none"), "gn+basic": ("group", "basic", "none", "none"),
@@ -90,10 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--work", type=Path, default=pbc.REPO_ROOT / ".cache" / "levers")
     args = parser.parse_args(argv)
-    root = pbc.data_dir(None)
-    full = prepare_data(root, TrainConfig())
-    cells = foreign.load(args.cells)
-    domains, _ = ood.domain_crops(pbc.CLASSES, FIELD_UM, INPUT_SIZE)
+    root, full, cells, domains = inputs(args.cells)
     report = json.loads(args.out.read_text()) if args.out.is_file() else {}
     report.update({"per_class": args.per_class, "epochs": args.epochs, "seeds": args.seeds,
                    "variants": {k: {"norm": n, "augment": a, "input_norm": i, "style": m,
