@@ -92,8 +92,8 @@ TRIED = [
     "style mixing (MixStyle), and as targets of a FixMatch-style consistency loss, with leave-one-microscope-out "
     "folds, 3 seeds; neither beat the colour/optics augmentation alone on tecom or cellavision-blog, and label-free "
     "batch-norm re-estimation at the site did not stack with that augmentation. Fine-tuning a converged network "
-    "with them moved tecom 4–6 points (0.46 → 0.50–0.52), not cellavision-blog, and consistency made it call every "
-    "BCCD and BCD white cell one class (docs/robustness.md).",
+    "with them (3 seeds) moved tecom 2–6 points (0.47 → 0.49–0.52) and cellavision-blog +2 (style donors) or −6 "
+    "(consistency, which also called every BCCD and BCD white cell one class) (docs/robustness.md).",
     "`cytoedge adapt` from the student (its weights unfolded from the ONNX file): batch-norm re-estimation and "
     "fine-tuning with PBC replay, 0/20/50/100 labels, 3 seeds (the adaptation table above).",
 ]
