@@ -28,6 +28,7 @@ from calibration.temperature import fit_temperature
 from edge.classifier import hide_context
 from engines import pbc
 from engines.augment import augment_batch
+from engines.style_mix import DONORS, StyleMix, set_batch
 
 INPUT_SIZE = 64
 # PBC crops are 144 px over a ~36 µm field (see docs/models.md for the red-cell measurement).
@@ -103,8 +104,6 @@ class BaselineCNN(nn.Module):
         # only (engines.style_mix; no parameters, absent from the exported graph).
         self.styles = nn.ModuleList()
         if style != "none":
-            from engines.style_mix import DONORS, StyleMix
-
             if style not in DONORS:
                 raise ValueError(f"unknown style mixing {style!r} (one of {DONORS})")
             self.styles = nn.ModuleList(StyleMix() for _ in range(3))
@@ -304,6 +303,13 @@ def run_key(cfg: TrainConfig, data: PreparedData) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def network_state(path: str | Path) -> dict:
+    """The network's state dict from an epoch checkpoint (``model``) or a shipped ``weights.pt``
+    (``state_dict``), or a bare state dict."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    return state.get("model", state.get("state_dict", state))
+
+
 def foreign_pool(cfg: TrainConfig) -> np.ndarray | None:
     """Other microscopes' unlabelled white cells, for style mixing or consistency (train frames only, minus
     the excluded sources); None when the run uses neither."""
@@ -345,8 +351,7 @@ def train(root: Path, cfg: TrainConfig, checkpoint_dir: Path, resume: bool = Fal
     train_x, train_y = data.images["train"], torch.from_numpy(data.labels["train"])
     pool = foreign_pool(cfg)
     if cfg.init:
-        state = torch.load(cfg.init, map_location="cpu", weights_only=False)
-        model.load_state_dict(state.get("model", state.get("state_dict", state)))
+        model.load_state_dict(network_state(cfg.init))
         log(f"initialised from {cfg.init}")
     val_x = hide_context(data.images["val"], cfg.context_radius) if cfg.context_radius else data.images["val"]
     steps_per_epoch = max(1, math.ceil(len(train_x) / cfg.batch_size))
@@ -396,8 +401,6 @@ def train(root: Path, cfg: TrainConfig, checkpoint_dir: Path, resume: bool = Fal
                     extra = augment_batch(extra, cfg.augment, rng)
                 batch = np.concatenate([batch, extra])
             if cfg.style != "none":
-                from engines.style_mix import set_batch
-
                 set_batch(model, len(y), rng)
             x = augment(to_tensor(batch), gen)
             x = normalise(x, data.mean, data.std).contiguous(memory_format=torch.channels_last)

@@ -33,7 +33,17 @@ from torch import nn
 
 from engines import pbc
 from engines.augment import PIPELINES, augment_batch
-from engines.baseline import FIELD_UM, INPUT_SIZE, BaselineCNN, TrainConfig, augment, normalise, prepare_data, to_tensor
+from engines.baseline import (
+    FIELD_UM,
+    INPUT_SIZE,
+    BaselineCNN,
+    TrainConfig,
+    augment,
+    network_state,
+    normalise,
+    prepare_data,
+    to_tensor,
+)
 from engines.teacher import load_labels, squash, summarise
 
 REFERENCE_QUANTILES = 101
@@ -156,7 +166,7 @@ def train(root: Path, cfg: DistillConfig, labels_path: Path, calib_path: Path, o
             model.load_state_dict(state["state_dict"])
             log(f"initialised the whole student from {cfg.init}")
         else:  # a baseline checkpoint (engines.baseline .pt or weights.pt): the body
-            model.body.load_state_dict(state.get("model", state.get("state_dict", state)))
+            model.body.load_state_dict(network_state(cfg.init))
             log(f"initialised the body from {cfg.init}")
     model = model.to(memory_format=torch.channels_last)
     steps = max(1, math.ceil(len(x_train) / cfg.batch_size))

@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         if not checkpoint.is_file():
             print(f"{key}: no checkpoint at {checkpoint}, skipped", file=sys.stderr)
             continue
+        # Without the style layers: reestimate_batchnorm runs the network in training mode, where they would
+        # re-style the site's crops. They hold no weights, so the checkpoint loads the same.
         model = BaselineCNN(len(data.classes), cfg.stem, cfg.widths, cfg.norm, cfg.input_norm, data.mean, data.std)
         model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["model"])
         model.eval()

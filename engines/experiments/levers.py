@@ -21,14 +21,14 @@ import numpy as np
 
 from edge.onnx_backend import OnnxRuntimeClassifier
 from engines import evaluate, foreign, ood, pbc
-from engines.baseline import TrainConfig, prepare_data
+from engines.baseline import FIELD_UM, INPUT_SIZE, PreparedData, TrainConfig, prepare_data
 
 
-def inputs(cells_path: Path) -> tuple[Path, object, dict, dict]:
+def inputs(cells_path: Path) -> tuple[Path, PreparedData, dict, dict]:
     """What every lever measurement needs: the PBC folder, the full prepared split, the foreign cells and the
     wbc-shift domains cut at the model's field."""
     root = pbc.data_dir(None)
-    domains, _ = ood.domain_crops(pbc.CLASSES, 36.0, 64)
+    domains, _ = ood.domain_crops(pbc.CLASSES, FIELD_UM, INPUT_SIZE)
     return root, prepare_data(root, TrainConfig()), foreign.load(cells_path), domains
 
 
