@@ -85,7 +85,7 @@ def load_weights(model_onnx: Path) -> tuple[nn.Module, ModelMetadata]:
     if state.get("architecture") not in architectures:
         raise ValueError(f"{path}: cannot adapt architecture {state.get('architecture')!r}")
     model = architectures[state["architecture"]](int(state["num_classes"]), int(state["stem"]),
-                                                 tuple(state["widths"]))
+                                                 tuple(state["widths"]), **state.get("options", {}))
     model.load_state_dict(state["state_dict"])
     model.eval()
     metadata = OnnxRuntimeClassifier(model_onnx, threads=1).metadata

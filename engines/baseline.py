@@ -41,19 +41,39 @@ SCALE_NOTE = (
 
 
 # --------------------------------------------------------------------------------------------- model
-NORMS = ("batch", "group")
+NORMS = ("batch", "group", "layer")
 INPUT_NORMS = ("none", "plasma", "plasma-ratio")
 
 
 def make_norm(kind: str, channels: int) -> nn.Module:
-    """BatchNorm (the shipped models) or GroupNorm with 8 groups: no batch statistics, so nothing learnt about
-    PBC's channel moments is frozen into inference (Tsutsui et al. 2023: BatchNorm models collapse under
-    stain shift, GroupNorm ones much less). A robustness lever, measured in docs/robustness.md."""
+    """BatchNorm (the shipped models), GroupNorm with 8 groups, or layer norm (one group over all channels
+    and positions): the latter two keep no batch statistics, so nothing learnt about PBC's channel moments
+    is frozen into inference (Tsutsui et al. 2023: BatchNorm models collapse under stain shift, GroupNorm
+    ones much less). A robustness lever, measured in docs/robustness.md."""
     if kind == "batch":
         return nn.BatchNorm2d(channels)
     if kind == "group":
         return nn.GroupNorm(8, channels)
+    if kind == "layer":
+        return nn.GroupNorm(1, channels)
     raise ValueError(f"unknown normalisation {kind!r} (one of {NORMS})")
+
+
+class LowPass(nn.Module):
+    """Keeps only what a ``resolution``-pixel crop of the same field would show: box-average down, bilinear
+    back up to the input size. The network (and its cost) is unchanged; what it can learn from is not: PBC's
+    sharp granules and chromatin texture, which softer optics (BCCD's frames) do not resolve, are gone in
+    training and at run time alike (part of the exported graph)."""
+
+    def __init__(self, resolution: int, size: int = INPUT_SIZE) -> None:
+        super().__init__()
+        if resolution <= 0 or size % resolution:
+            raise ValueError(f"resolution {resolution} must divide the input size {size}")
+        self.factor = size // resolution
+        self.down = nn.AvgPool2d(self.factor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(self.down(x), scale_factor=self.factor, mode="bilinear", align_corners=False)
 
 
 class BasicBlock(nn.Module):
@@ -81,8 +101,11 @@ class BaselineCNN(nn.Module):
 
     def __init__(self, num_classes: int, stem: int = 24, widths: tuple[int, ...] = (32, 64, 128, 192),
                  norm: str = "batch", input_norm: str = "none", pixel_mean: list[float] | None = None,
-                 pixel_std: list[float] | None = None, style: str = "none") -> None:
+                 pixel_std: list[float] | None = None, style: str = "none", resolution: int = INPUT_SIZE) -> None:
         super().__init__()
+        self.options = {"norm": norm, "resolution": resolution}  # what save_weights records to rebuild it
+        # resolution < INPUT_SIZE: the crop's detail is limited to that many pixels across, in the graph
+        self.low_pass: nn.Module | None = LowPass(resolution) if resolution != INPUT_SIZE else None
         # input_norm "plasma": optical density against each crop's own plasma, in the graph
         # (engines.plasma_norm; needs the metadata's mean/std to undo the runtime's normalisation).
         self.plasma: nn.Module | None = None
@@ -112,6 +135,8 @@ class BaselineCNN(nn.Module):
 
     def features(self, image: torch.Tensor) -> torch.Tensor:
         """Pooled features before the head (a student's extra heads read them too)."""
+        if self.low_pass is not None:
+            image = self.low_pass(image)
         if self.plasma is not None:
             image = self.plasma(image)
         if not len(self.styles):
@@ -138,7 +163,7 @@ def save_weights(model: nn.Module, path: Path) -> None:
     buffer = io.BytesIO()
     torch.save({"architecture": type(model).__name__, "num_classes": body.head.out_features,
                 "stem": body.stem[0].out_channels, "widths": [block.conv2.out_channels for block in body.blocks],
-                "state_dict": model.state_dict()}, buffer)
+                "options": body.options if body is model else {}, "state_dict": model.state_dict()}, buffer)
     pbc.atomic_write_bytes(Path(path), buffer.getvalue())
 
 
@@ -201,7 +226,8 @@ class TrainConfig:
     # > 0: train (and, via the exported metadata, run) on crops whose surroundings outside this centred
     # disc are painted with the plasma colour (edge.classifier.hide_context).
     context_radius: float = 0.0
-    norm: str = "batch"  # "group": GroupNorm instead of BatchNorm (robustness lever)
+    norm: str = "batch"  # "group" / "layer": GroupNorm (8 groups / one) instead of BatchNorm (robustness lever)
+    resolution: int = INPUT_SIZE  # < INPUT_SIZE: detail limited to this many pixels across (LowPass; a lever)
     input_norm: str = "none"  # "plasma": optical density against each crop's plasma (engines.plasma_norm);
     # "plasma-ratio": pixel / plasma without the logarithm
     style: str = "none"  # "batch" / "foreign": feature-style mixing (engines.style_mix), a robustness lever
@@ -289,6 +315,8 @@ def run_key(cfg: TrainConfig, data: PreparedData) -> str:
         del config["norm"]
     if config["input_norm"] == "none":
         del config["input_norm"]
+    if config["resolution"] == INPUT_SIZE:
+        del config["resolution"]
     if config["style"] == "none" and not config["consistency"]:
         for key in ("style", "foreign_cells", "foreign_batch", "foreign_exclude"):
             del config[key]
@@ -347,7 +375,7 @@ def train(root: Path, cfg: TrainConfig, checkpoint_dir: Path, resume: bool = Fal
     torch.manual_seed(cfg.seed)
     data = prepare_data(root, cfg)
     model = BaselineCNN(len(data.classes), cfg.stem, cfg.widths, cfg.norm, cfg.input_norm, data.mean,
-                        data.std, cfg.style).to(memory_format=torch.channels_last)
+                        data.std, cfg.style, cfg.resolution).to(memory_format=torch.channels_last)
     train_x, train_y = data.images["train"], torch.from_numpy(data.labels["train"])
     pool = foreign_pool(cfg)
     if cfg.init:

@@ -1,4 +1,6 @@
-"""The normalisation lever: a GroupNorm baseline has no batch statistics, exports, and old run keys stay."""
+"""The normalisation and resolution levers: GroupNorm / layer-norm baselines have no batch statistics and
+export; a resolution-limited network keeps only coarse detail, in the exported graph too; lever networks
+save and load with their options; old run keys stay."""
 
 from __future__ import annotations
 
@@ -8,13 +10,14 @@ import numpy as np
 import pytest
 
 
-def test_group_norm_network_has_no_batch_statistics_and_exports(tmp_path: Path) -> None:
+@pytest.mark.parametrize("norm", ["group", "layer"])
+def test_group_and_layer_norm_networks_have_no_batch_statistics_and_export(tmp_path: Path, norm: str) -> None:
     torch = pytest.importorskip("torch")
     from edge.onnx_backend import OnnxRuntimeClassifier
     from engines import export
     from engines.baseline import BaselineCNN
 
-    model = BaselineCNN(8, 8, (8, 16, 16, 16), norm="group").eval()
+    model = BaselineCNN(8, 8, (8, 16, 16, 16), norm=norm).eval()
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     # One cell's output does not depend on the other cells of its batch, even in training mode.
     model.train()
@@ -34,5 +37,67 @@ def test_batch_norm_default_keeps_the_run_keys_of_earlier_checkpoints() -> None:
     from engines.baseline import TrainConfig, make_norm
 
     assert "norm" in asdict(TrainConfig()) and TrainConfig().norm == "batch"
+    assert make_norm("layer", 8).num_groups == 1  # layer norm: one group over all channels and positions
     with pytest.raises(ValueError):
-        make_norm("layer", 8)
+        make_norm("instance", 8)
+
+
+def test_low_pass_removes_detail_finer_than_its_resolution_and_keeps_flat_colour() -> None:
+    torch = pytest.importorskip("torch")
+    from engines.baseline import LowPass
+
+    low = LowPass(32)
+    stripes = torch.zeros(1, 3, 64, 64)
+    stripes[..., ::2] = 1.0  # one-pixel stripes: detail a 32-pixel crop of the same field cannot show
+    torch.testing.assert_close(low(stripes), torch.full_like(stripes, 0.5))
+    flat = torch.full((2, 3, 64, 64), 0.3)
+    torch.testing.assert_close(low(flat), flat)
+    coarse = torch.zeros(1, 3, 64, 64)
+    coarse[..., :32] = 1.0  # a half-field edge survives: the left quarter stays white, the right one dark
+    out = low(coarse)
+    assert out.shape == coarse.shape and float(out[..., :16].min()) == 1.0 and float(out[..., 48:].max()) == 0.0
+    with pytest.raises(ValueError, match="divide"):
+        LowPass(48)
+
+
+def test_resolution_limited_network_exports_with_its_low_pass_in_the_graph(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    from engines import export
+    from engines.baseline import BaselineCNN, predict_logits
+
+    torch.manual_seed(0)
+    model = BaselineCNN(8, 8, (8, 16, 16, 16), resolution=16).eval()
+    meta = export.make_metadata(name="res16", version="1", classes=[str(i) for i in range(8)], input_size=64,
+                                mean=[0.5] * 3, std=[0.25] * 3, field_um=36.0, kind="baseline")
+    path = export.export_onnx(model, tmp_path / "model.onnx", meta)
+    from engines.evaluate import onnx_logits
+
+    crops = np.random.default_rng(0).integers(64, 192, (4, 64, 64, 3), dtype=np.uint8)
+    np.testing.assert_allclose(onnx_logits(path, crops), predict_logits(model, crops, meta.mean, meta.std),
+                               atol=1e-4)
+    # A checkerboard with zero mean in every 4x4 block is detail finer than 16 px across: invisible to it.
+    board = np.where((np.arange(64)[:, None] + np.arange(64)[None, :]) % 2, 40, -40)[None, :, :, None]
+    finer = (crops.astype(int) + board).astype(np.uint8)
+    np.testing.assert_allclose(onnx_logits(path, finer), onnx_logits(path, crops), atol=1e-4)
+    # The same amount of change as whole blocks is seen.
+    blocks = np.kron((np.arange(16)[:, None] + np.arange(16)[None, :]) % 2 * 80 - 40, np.ones((4, 4)))
+    coarser = (crops.astype(int) + blocks[None, :, :, None].astype(int)).astype(np.uint8)
+    assert np.abs(onnx_logits(path, coarser) - onnx_logits(path, crops)).max() > 1e-3
+
+
+def test_lever_network_saves_and_loads_with_its_options(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    from engines import export
+    from engines.adapt import load_weights
+    from engines.baseline import WEIGHTS_FILE, BaselineCNN, save_weights
+
+    torch.manual_seed(0)
+    model = BaselineCNN(8, 8, (8, 16, 16, 16), norm="layer", resolution=32).eval()
+    meta = export.make_metadata(name="ln", version="1", classes=[str(i) for i in range(8)], input_size=64,
+                                mean=[0.5] * 3, std=[0.25] * 3, field_um=36.0, kind="baseline")
+    path = export.export_onnx(model, tmp_path / "model.onnx", meta)
+    save_weights(model, tmp_path / WEIGHTS_FILE)
+    loaded, _ = load_weights(path)
+    assert loaded.options == {"norm": "layer", "resolution": 32} and loaded.low_pass is not None
+    x = torch.rand(2, 3, 64, 64)
+    torch.testing.assert_close(loaded(x), model(x))

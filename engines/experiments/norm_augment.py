@@ -18,6 +18,15 @@ Plasma-relative input (``engines.plasma_norm``; docs/robustness.md), with the re
         --out engines/experiments/results/plasma.json \
         --variants bn+basic+plasma bn+strong+plasma bn+basic bn+strong bn+basic+ratio bn+strong+ratio
 
+Layer norm (``ln+``) and input resolution (``+res32`` / ``+res16``: the crop's detail limited to 32 or 16
+pixels across the same field, in training and in the exported graph; engines.baseline.LowPass)::
+
+    python -m engines.experiments.norm_augment --cells .cache/foreign/white64.npz \
+        --out engines/experiments/results/resolution.json --variants bn+basic+res32 bn+strong+res32 bn+strong+res16
+    python -m engines.experiments.norm_augment --cells .cache/foreign/white64.npz \
+        --out engines/experiments/results/norm_resolution.json \
+        --variants ln+basic ln+strong ln+strong+res32 gn+strong+res32
+
 Style mixing (``+mix``: PBC donors; ``+xmix``: txl-pbc train-frame white cells as donors). A model that
 trained on foreign cells has seen those microscopes, so for ``+xmix`` the leave-one-microscope-out figure
 comes from three more runs per seed, each without one source's cells, measured on that source only::
@@ -57,8 +66,18 @@ VARIANTS = {"bn+basic": ("batch", "basic", "none", "none"), "gn+basic": ("group"
             "bn+basic+xmix": ("batch", "basic", "none", "foreign"),
             "bn+strong+xmix": ("batch", "strong", "none", "foreign"),
             # consistency on other microscopes' unlabelled white cells (FixMatch; engines.baseline)
-            "bn+basic+xfix": ("batch", "basic", "none", "none"), "bn+strong+xfix": ("batch", "strong", "none", "none")}
+            "bn+basic+xfix": ("batch", "basic", "none", "none"), "bn+strong+xfix": ("batch", "strong", "none", "none"),
+            # layer norm (GroupNorm with one group)
+            "ln+basic": ("layer", "basic", "none", "none"), "ln+strong": ("layer", "strong", "none", "none"),
+            # input resolution: detail limited to 32 or 16 px across the same field (engines.baseline.LowPass)
+            "bn+basic+res32": ("batch", "basic", "none", "none"),
+            "bn+strong+res32": ("batch", "strong", "none", "none"),
+            "bn+strong+res16": ("batch", "strong", "none", "none"),
+            "gn+strong+res32": ("group", "strong", "none", "none"),
+            "ln+strong+res32": ("layer", "strong", "none", "none")}
 CONSISTENCY = {"bn+basic+xfix": 1.0, "bn+strong+xfix": 1.0}  # name -> weight of the consistency loss
+RESOLUTION = {"bn+basic+res32": 32, "bn+strong+res32": 32, "bn+strong+res16": 16, "gn+strong+res32": 32,
+              "ln+strong+res32": 32}
 DEFAULT_VARIANTS = ["bn+basic", "gn+basic", "bn+strong", "gn+strong"]
 
 
@@ -94,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     report = json.loads(args.out.read_text()) if args.out.is_file() else {}
     report.update({"per_class": args.per_class, "epochs": args.epochs, "seeds": args.seeds,
                    "variants": {k: {"norm": n, "augment": a, "input_norm": i, "style": m,
-                                    "consistency": CONSISTENCY.get(k, 0.0)}
+                                    "consistency": CONSISTENCY.get(k, 0.0),
+                                    "resolution": RESOLUTION.get(k, INPUT_SIZE)}
                                 for k, (n, a, i, m) in VARIANTS.items()
                                 if k in args.variants or any(r.startswith(k + "/") for r in report.get("runs", {}))}})
     report.setdefault("runs", {})
@@ -141,7 +161,8 @@ def lever_config(name: str, seed: int, epochs: int, per_class: int, cells: Path)
     norm, augment, input_norm, style = VARIANTS[name]
     consistency = CONSISTENCY.get(name, 0.0)
     return TrainConfig(epochs=epochs, per_class_limit=per_class, norm=norm, augment=augment, input_norm=input_norm,
-                       style=style, consistency=consistency, seed=seed, threads=1,
+                       style=style, consistency=consistency, resolution=RESOLUTION.get(name, INPUT_SIZE),
+                       seed=seed, threads=1,
                        foreign_cells=str(cells) if style == "foreign" or consistency else "")
 
 
