@@ -27,7 +27,9 @@ from engines.experiments.levers import inputs, row
 from engines.experiments.norm_augment import fit_and_export
 
 # name -> TrainConfig overrides on top of the fine-tuning recipe
-VARIANTS: dict[str, dict] = {"control": {}, "xfix": {"consistency": 1.0}, "xmix": {"style": "foreign"}}
+VARIANTS: dict[str, dict] = {"control": {}, "xfix": {"consistency": 1.0}, "xmix": {"style": "foreign"},
+                             # detail limited to 32 px across the field (engines.baseline.LowPass; no foreign cells)
+                             "res32": {"resolution": 32}}
 
 
 def main(argv: list[str] | None = None) -> int:
