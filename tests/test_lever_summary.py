@@ -1,4 +1,5 @@
-"""The lever tables' arithmetic (engines.experiments): what is averaged over which runs, and the AdaBN halves."""
+"""The lever tables' arithmetic (engines.experiments): what is averaged over which runs, the AdaBN halves, and
+which reference each lever is judged against."""
 
 from __future__ import annotations
 
@@ -42,3 +43,41 @@ def test_adabn_halves_are_fixed_disjoint_and_cover_the_set() -> None:
     assert np.array_equal(test, again)
     assert len(test) == 150 and len(pool) == 151
     assert sorted(np.concatenate([test, pool]).tolist()) == list(range(301))
+
+
+def _summary(pbc: float, tecom: float, cv: float) -> dict:
+    return {"pbc_test_balanced_accuracy": [pbc, 0.01], "tecom_balanced_accuracy": [tecom, 0.02],
+            "cellavision-blog_balanced_accuracy": [cv, 0.03], "lomo_mean_distance": [0.5, 0.1]}
+
+
+def test_lever_table_judges_each_lever_against_the_reference_run_beside_it() -> None:
+    from engines.experiments.lever_table import rows
+
+    old = {"per_class": 200, "epochs": 4, "seeds": 3,
+           "summary": {"bn+basic": _summary(0.8, 0.4, 0.45), "bn+strong": _summary(0.6, 0.7, 0.4)}}
+    rerun = {"per_class": 200, "epochs": 4, "seeds": 3,
+             "summary": {"bn+strong": _summary(0.62, 0.65, 0.42), "bn+strong+res32": _summary(0.6, 0.6, 0.4)}}
+    table = {(r["file"], r["variant"]): r for r in rows([("old.json", old), ("rerun.json", rerun)])}
+    lever = table[("rerun.json", "bn+strong+res32")]
+    assert lever["reference_file"] == "rerun.json"  # the re-run beside it, not the older one
+    assert lever["tecom_balanced_accuracy_delta"] == -0.05
+    assert lever["lever"] == "BatchNorm + strong + 32 px detail"
+    # the augmentation alone is judged against basic, and only where basic was re-run beside it
+    assert table[("old.json", "bn+strong")]["tecom_balanced_accuracy_delta"] == 0.3
+    assert ("rerun.json", "bn+strong") not in table
+
+
+def test_lever_table_never_compares_runs_of_different_budgets() -> None:
+    from engines.experiments.lever_table import rows
+
+    short = {"per_class": 200, "epochs": 4, "summary": {"bn+strong": _summary(0.6, 0.7, 0.4)}}
+    longer = {"per_class": 400, "epochs": 10, "summary": {"gn+strong": _summary(0.8, 0.5, 0.4)}}
+    (row,) = rows([("short.json", short), ("longer.json", longer)])
+    assert row["reference_file"] is None and "tecom_balanced_accuracy_delta" not in row
+
+
+def test_lever_table_command_refuses_a_missing_file(tmp_path, capsys) -> None:
+    from engines.experiments.lever_table import main
+
+    assert main([str(tmp_path / "absent.json")]) == 2
+    assert "no such result file" in capsys.readouterr().err
