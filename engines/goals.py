@@ -85,7 +85,12 @@ TRIED = [
     "domain, not better out of domain overall; so it did not replace the teacher.",
     "Distilling students on the teacher's posterior over unlabelled white cells of three other microscopes "
     "(txl-pbc), against the same student without them (docs/robustness.md, foreign-cell lever).",
-    "Normalisation (GroupNorm vs BatchNorm) × colour/optics augmentation, short seeded runs (docs/robustness.md).",
+    "Normalisation (BatchNorm / GroupNorm / layer norm) × colour/optics augmentation, 3 seeds at two budgets: at "
+    "3,200 crops × 10 epochs GroupNorm or layer norm with the augmentation beat BatchNorm on tecom (0.59 / 0.58 vs "
+    "0.35) and cellavision-blog (0.42 vs 0.33) but reached only 0.64–0.67 in domain; not yet trained to "
+    "convergence or distilled (docs/robustness.md).",
+    "Input resolution (detail limited to 32 or 16 px across the field, in the graph), from scratch and from "
+    "converged weights, 3 seeds: 1–11 points worse on tecom, no better on cellavision-blog.",
     "Plasma-relative input normalisation (optical density against each crop's own plasma, in the graph): invariant to "
     "a lamp/camera gain as designed, but 6–24 points worse on both foreign sets (docs/robustness.md).",
     "Other microscopes' unlabelled white cells (txl-pbc) in training without a teacher: as style donors for feature-"

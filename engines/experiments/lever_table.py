@@ -59,7 +59,7 @@ def rows(reports: list[tuple[str, dict]]) -> list[dict]:
             if variant == ref:
                 continue
             own = report["summary"].get(ref)
-            if not own and reference_name(variant) == "bn+basic" and "+" not in variant[3:]:
+            if not own and variant.startswith("bn+") and variant.count("+") == 1:
                 continue  # the augmentation alone: only where its reference was re-run beside it
             ref_file, ref_summary = (name, own) if own else references.get((*budget, ref), (None, None))
             row = {"variant": variant, "lever": describe(variant), "file": name, "reference": ref,
