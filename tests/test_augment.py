@@ -183,13 +183,14 @@ def test_baseline_basic_run_key_is_unchanged_and_robust_differs() -> None:
     data = baseline.PreparedData(["a"], [0.5] * 3, [0.2] * 3, {}, {"train": np.zeros(3)}, {}, {"sha256": "x"})
     basic = baseline.TrainConfig()
     later = ("augment", "context_radius", "norm", "input_norm", "style", "foreign_cells", "foreign_batch",
-             "foreign_exclude", "consistency", "consistency_threshold", "init")  # options since, at their defaults
+             "foreign_exclude", "consistency", "consistency_threshold", "init", "resolution")  # later, at defaults
     legacy = {k: v for k, v in asdict(basic).items() if k not in later}
     text = json.dumps({"cfg": legacy, "split": "x", "n": {"train": 3}}, sort_keys=True)
     assert baseline.run_key(basic, data) == hashlib.sha256(text.encode()).hexdigest()[:12]
     assert baseline.run_key(baseline.TrainConfig(augment="robust"), data) != baseline.run_key(basic, data)
     assert baseline.run_key(baseline.TrainConfig(context_radius=0.4), data) != baseline.run_key(basic, data)
     assert baseline.run_key(baseline.TrainConfig(norm="group"), data) != baseline.run_key(basic, data)
+    assert baseline.run_key(baseline.TrainConfig(resolution=32), data) != baseline.run_key(basic, data)
 
 
 @pytest.mark.slow
