@@ -30,13 +30,15 @@ LEVERS = {"plasma": "plasma-relative input", "ratio": "plasma-ratio input (contr
 FIGURES = ("pbc_test_balanced_accuracy", "tecom_balanced_accuracy", "cellavision-blog_balanced_accuracy")
 
 
+def is_augmentation_alone(variant: str) -> bool:
+    """``bn+strong``: BatchNorm, no lever but the augmentation itself."""
+    return variant.startswith("bn+") and variant.count("+") == 1
+
+
 def reference_name(variant: str) -> str:
     """The run a lever is judged against: BatchNorm with the same augmentation and no other lever; for the
     augmentation alone (``bn+strong``), BatchNorm with the basic one."""
-    norm, augment, *levers = variant.split("+")
-    if norm == "bn" and not levers:
-        return "bn+basic"
-    return "bn+" + augment
+    return "bn+basic" if is_augmentation_alone(variant) else "bn+" + variant.split("+")[1]
 
 
 def describe(variant: str) -> str:
@@ -59,7 +61,7 @@ def rows(reports: list[tuple[str, dict]]) -> list[dict]:
             if variant == ref:
                 continue
             own = report["summary"].get(ref)
-            if not own and variant.startswith("bn+") and variant.count("+") == 1:
+            if not own and is_augmentation_alone(variant):
                 continue  # the augmentation alone: only where its reference was re-run beside it
             ref_file, ref_summary = (name, own) if own else references.get((*budget, ref), (None, None))
             row = {"variant": variant, "lever": describe(variant), "file": name, "reference": ref,
