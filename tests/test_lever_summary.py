@@ -3,6 +3,8 @@ which reference each lever is judged against."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -81,3 +83,42 @@ def test_lever_table_command_refuses_a_missing_file(tmp_path, capsys) -> None:
 
     assert main([str(tmp_path / "absent.json")]) == 2
     assert "no such result file" in capsys.readouterr().err
+
+
+def test_every_measured_variant_builds_the_settings_its_result_file_recorded() -> None:
+    """The variant grammar replaced hand-kept tables; the recorded runs (and their resume keys) must not move."""
+    import json
+
+    from engines.experiments.norm_augment import MEASURED, recorded
+
+    checked = 0
+    for path in sorted((Path(__file__).parents[1] / "engines/experiments/results").glob("*.json")):
+        variants = json.loads(path.read_text()).get("variants")
+        if not isinstance(variants, dict):
+            continue
+        for name, settings in variants.items():
+            if not isinstance(settings, dict) or "norm" not in settings:
+                continue
+            assert name in MEASURED, f"{path.name}: {name} is not listed as measured"
+            now = recorded(name)
+            assert {k: now[k] for k in settings} == settings, f"{path.name}: {name}"
+            checked += 1
+    assert checked >= 20
+
+
+def test_unknown_variant_is_refused_with_the_grammar(tmp_path, capsys) -> None:
+    from engines.experiments.norm_augment import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--cells", str(tmp_path / "c.npz"), "--out", str(tmp_path / "o.json"), "--variants", "zz+basic"])
+    assert stop.value.code == 2
+    assert "expected <bn|gn|ln>+<basic|strong>" in capsys.readouterr().err
+    assert not (tmp_path / "o.json").exists()
+
+
+def test_a_new_combination_needs_no_table_entry() -> None:
+    from engines.experiments.norm_augment import lever_config
+
+    cfg = lever_config("gn+strong+xfix", seed=1, epochs=2, per_class=10, cells=Path("cells.npz"))
+    assert (cfg.norm, cfg.augment, cfg.consistency, cfg.foreign_cells) == ("group", "strong", 1.0, "cells.npz")
+    assert lever_config("ln+basic", 0, 2, 10, Path("cells.npz")).foreign_cells == ""

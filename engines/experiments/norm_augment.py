@@ -4,7 +4,9 @@ plasma-relative input normalisation (optical density or transmittance against ea
 feature-style mixing (engines.style_mix) with PBC or other microscopes' unlabelled cells as donors.
 
 Short on purpose (a shared 2-core CPU): ``--per-class`` training crops per class, ``--epochs`` epochs, the
-baseline network and recipe (engines.baseline.train), so what differs between rows is the lever only.
+baseline network and recipe (engines.baseline.train), so what differs between rows is the lever only. A
+variant is named ``<norm>+<augment>[+<lever>]`` (NORMS, AUGMENTS, LEVERS below), so a new combination such
+as ``gn+strong+xfix`` runs without editing this file.
 Every model is exported like a shipped one (ONNX, temperature on validation) and measured by
 ``engines.experiments.levers.row``: selection figures (PBC validation, label-free leave-one-microscope-out
 on txl-pbc) and test figures (PBC test, tecom, cellavision-blog). Resumable: a finished run is skipped.
@@ -52,32 +54,48 @@ from engines import evaluate, export, foreign, pbc
 from engines.baseline import FIELD_UM, INPUT_SIZE, TrainConfig, train
 from engines.experiments.levers import inputs, row
 
-# name -> (normalisation layers, augmentation, input normalisation, style mixing)
-VARIANTS = {"bn+basic": ("batch", "basic", "none", "none"), "gn+basic": ("group", "basic", "none", "none"),
-            "bn+strong": ("batch", "strong", "none", "none"), "gn+strong": ("group", "strong", "none", "none"),
-            # plasma-relative input (engines.plasma_norm): optical density against each crop's own plasma
-            "bn+basic+plasma": ("batch", "basic", "plasma", "none"),
-            "bn+strong+plasma": ("batch", "strong", "plasma", "none"),
-            # the control: the same division by the plasma, without the logarithm (transmittance)
-            "bn+basic+ratio": ("batch", "basic", "plasma-ratio", "none"),
-            "bn+strong+ratio": ("batch", "strong", "plasma-ratio", "none"),
-            # feature-style mixing (engines.style_mix): PBC donors, or other microscopes' white cells
-            "bn+basic+mix": ("batch", "basic", "none", "batch"), "bn+strong+mix": ("batch", "strong", "none", "batch"),
-            "bn+basic+xmix": ("batch", "basic", "none", "foreign"),
-            "bn+strong+xmix": ("batch", "strong", "none", "foreign"),
-            # consistency on other microscopes' unlabelled white cells (FixMatch; engines.baseline)
-            "bn+basic+xfix": ("batch", "basic", "none", "none"), "bn+strong+xfix": ("batch", "strong", "none", "none"),
-            # layer norm (GroupNorm with one group)
-            "ln+basic": ("layer", "basic", "none", "none"), "ln+strong": ("layer", "strong", "none", "none"),
-            # input resolution: detail limited to 32 or 16 px across the same field (engines.baseline.LowPass)
-            "bn+basic+res32": ("batch", "basic", "none", "none"),
-            "bn+strong+res32": ("batch", "strong", "none", "none"),
-            "bn+strong+res16": ("batch", "strong", "none", "none"),
-            "gn+strong+res32": ("group", "strong", "none", "none"),
-            "ln+strong+res32": ("layer", "strong", "none", "none")}
-CONSISTENCY = {"bn+basic+xfix": 1.0, "bn+strong+xfix": 1.0}  # name -> weight of the consistency loss
-RESOLUTION = {"bn+basic+res32": 32, "bn+strong+res32": 32, "bn+strong+res16": 16, "gn+strong+res32": 32,
-              "ln+strong+res32": 32}
+# A variant's name is ``<norm>+<augment>[+<lever>]``; each part names TrainConfig fields (the rest default).
+NORMS = {"bn": {"norm": "batch"}, "gn": {"norm": "group"}, "ln": {"norm": "layer"}}  # layer: one group
+AUGMENTS = {"basic": {"augment": "basic"}, "strong": {"augment": "strong"}}
+LEVERS = {
+    # plasma-relative input (engines.plasma_norm): optical density against each crop's own plasma
+    "plasma": {"input_norm": "plasma"},
+    # the control: the same division by the plasma, without the logarithm (transmittance)
+    "ratio": {"input_norm": "plasma-ratio"},
+    # feature-style mixing (engines.style_mix): PBC donors, or other microscopes' white cells
+    "mix": {"style": "batch"}, "xmix": {"style": "foreign"},
+    # consistency on other microscopes' unlabelled white cells (FixMatch; engines.baseline)
+    "xfix": {"consistency": 1.0},
+    # input resolution: detail limited to 32 or 16 px across the same field (engines.baseline.LowPass)
+    "res32": {"resolution": 32}, "res16": {"resolution": 16},
+}
+# The variants run so far (result files under engines/experiments/results name them).
+MEASURED = ("bn+basic", "gn+basic", "bn+strong", "gn+strong", "ln+basic", "ln+strong",
+            "bn+basic+plasma", "bn+strong+plasma", "bn+basic+ratio", "bn+strong+ratio",
+            "bn+basic+mix", "bn+strong+mix", "bn+basic+xmix", "bn+strong+xmix", "bn+basic+xfix", "bn+strong+xfix",
+            "bn+basic+res32", "bn+strong+res32", "bn+strong+res16", "gn+strong+res32", "ln+strong+res32")
+# What each variant's report block records (the TrainConfig fields a lever may change).
+RECORDED_FIELDS = ("norm", "augment", "input_norm", "style", "consistency", "resolution")
+
+
+def overrides(name: str) -> dict:
+    """The TrainConfig fields a variant name sets; a clear error for a name outside the grammar."""
+    norm, augment, *lever = name.split("+")
+    if norm not in NORMS or augment not in AUGMENTS or len(lever) > 1 or (lever and lever[0] not in LEVERS):
+        raise ValueError(f"unknown variant {name!r}: expected <{'|'.join(NORMS)}>+<{'|'.join(AUGMENTS)}>"
+                         f"[+<{'|'.join(LEVERS)}>]")
+    return {**NORMS[norm], **AUGMENTS[augment], **(LEVERS[lever[0]] if lever else {})}
+
+
+
+
+def variant_name(text: str) -> str:
+    """argparse type: any name the grammar allows (a new combination need not be listed first)."""
+    try:
+        overrides(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 DEFAULT_VARIANTS = ["bn+basic", "gn+basic", "bn+strong", "gn+strong"]
 
 
@@ -103,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--cells", type=Path, required=True, help="python -m engines.foreign cut output")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=DEFAULT_VARIANTS)
+    parser.add_argument("--variants", nargs="+", type=variant_name, default=DEFAULT_VARIANTS,
+                        help="<bn|gn|ln>+<basic|strong>[+<lever>] (see LEVERS); e.g. gn+strong+xfix")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--per-class", type=int, default=200)
     parser.add_argument("--epochs", type=int, default=4)
@@ -111,12 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     root, full, cells, domains = inputs(args.cells)
     report = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    earlier = [key.split("/")[0] for key in report.get("runs", {})]
     report.update({"per_class": args.per_class, "epochs": args.epochs, "seeds": args.seeds,
-                   "variants": {k: {"norm": n, "augment": a, "input_norm": i, "style": m,
-                                    "consistency": CONSISTENCY.get(k, 0.0),
-                                    "resolution": RESOLUTION.get(k, INPUT_SIZE)}
-                                for k, (n, a, i, m) in VARIANTS.items()
-                                if k in args.variants or any(r.startswith(k + "/") for r in report.get("runs", {}))}})
+                   "variants": {k: recorded(k) for k in dict.fromkeys([*earlier, *args.variants])}})
     report.setdefault("runs", {})
     sources = sorted(set(cells["source"].tolist()))
     held = cells["split"] != "train"
@@ -151,19 +167,22 @@ def main(argv: list[str] | None = None) -> int:
                     whole["lomo_mean_distance"] = round(float(np.mean(list(left.values()))), 4)
                 report["summary"] = {v: summarise([r for k, r in report["runs"].items()
                                                    if k.startswith(v + "/") and k.count("/") == 1])
-                                     for v in VARIANTS if any(k.startswith(v + "/") for k in report["runs"])}
+                                     for v in dict.fromkeys(k.split("/")[0] for k in report["runs"])}
                 pbc.atomic_write_json(args.out, report)
     return 0
 
 
 def lever_config(name: str, seed: int, epochs: int, per_class: int, cells: Path) -> TrainConfig:
     """The TrainConfig of one lever run (one thread; foreign cells only where the lever uses them)."""
-    norm, augment, input_norm, style = VARIANTS[name]
-    consistency = CONSISTENCY.get(name, 0.0)
-    return TrainConfig(epochs=epochs, per_class_limit=per_class, norm=norm, augment=augment, input_norm=input_norm,
-                       style=style, consistency=consistency, resolution=RESOLUTION.get(name, INPUT_SIZE),
-                       seed=seed, threads=1,
-                       foreign_cells=str(cells) if style == "foreign" or consistency else "")
+    cfg = replace(TrainConfig(epochs=epochs, per_class_limit=per_class, seed=seed, threads=1), **overrides(name))
+    uses_foreign = cfg.style == "foreign" or cfg.consistency > 0
+    return replace(cfg, foreign_cells=str(cells) if uses_foreign else "")
+
+
+def recorded(name: str) -> dict:
+    """A variant's settings as its result file records them (every lever field, defaults included)."""
+    cfg = replace(TrainConfig(), **overrides(name))
+    return {f: getattr(cfg, f) for f in RECORDED_FIELDS}
 
 
 def fit_and_export(root: Path, cfg: TrainConfig, full, folder: Path, name: str, checkpoints: Path) -> Path:
