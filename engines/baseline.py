@@ -103,7 +103,8 @@ class BaselineCNN(nn.Module):
                  norm: str = "batch", input_norm: str = "none", pixel_mean: list[float] | None = None,
                  pixel_std: list[float] | None = None, style: str = "none", resolution: int = INPUT_SIZE) -> None:
         super().__init__()
-        self.options = {"norm": norm, "resolution": resolution}  # what save_weights records to rebuild it
+        # What save_weights records to rebuild it (style mixing holds no weights and is for training only).
+        self.options: dict = {"norm": norm, "resolution": resolution}
         # resolution < INPUT_SIZE: the crop's detail is limited to that many pixels across, in the graph
         self.low_pass: nn.Module | None = LowPass(resolution) if resolution != INPUT_SIZE else None
         # input_norm "plasma": optical density against each crop's own plasma, in the graph
@@ -115,6 +116,8 @@ class BaselineCNN(nn.Module):
             if pixel_mean is None or pixel_std is None:
                 raise ValueError(f"input_norm={input_norm!r} needs pixel_mean and pixel_std")
             self.plasma = PlasmaNorm(pixel_mean, pixel_std, mode="ratio" if input_norm == "plasma-ratio" else "od")
+            self.options.update(input_norm=input_norm, pixel_mean=[float(v) for v in pixel_mean],
+                                pixel_std=[float(v) for v in pixel_std])
         elif input_norm != "none":
             raise ValueError(f"unknown input normalisation {input_norm!r} (one of {INPUT_NORMS})")
         self.stem = nn.Sequential(nn.Conv2d(3, stem, 3, 2, 1, bias=False), make_norm(norm, stem), nn.ReLU())

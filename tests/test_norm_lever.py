@@ -101,3 +101,22 @@ def test_lever_network_saves_and_loads_with_its_options(tmp_path: Path) -> None:
     assert loaded.options == {"norm": "layer", "resolution": 32} and loaded.low_pass is not None
     x = torch.rand(2, 3, 64, 64)
     torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_plasma_relative_network_saves_and_loads_with_its_input_normalisation(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    from engines import export
+    from engines.adapt import load_weights
+    from engines.baseline import WEIGHTS_FILE, BaselineCNN, save_weights
+
+    torch.manual_seed(0)
+    model = BaselineCNN(8, 8, (8, 16, 16, 16), input_norm="plasma", pixel_mean=[0.6, 0.5, 0.7],
+                        pixel_std=[0.2, 0.25, 0.15]).eval()
+    meta = export.make_metadata(name="od", version="1", classes=[str(i) for i in range(8)], input_size=64,
+                                mean=[0.6, 0.5, 0.7], std=[0.2, 0.25, 0.15], field_um=36.0, kind="baseline")
+    path = export.export_onnx(model, tmp_path / "model.onnx", meta)
+    save_weights(model, tmp_path / WEIGHTS_FILE)
+    loaded, _ = load_weights(path)
+    assert loaded.plasma is not None and loaded.options["input_norm"] == "plasma"
+    x = torch.rand(2, 3, 64, 64)
+    torch.testing.assert_close(loaded(x), model(x))

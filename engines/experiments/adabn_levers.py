@@ -1,14 +1,15 @@
 """Do the training levers stack with label-free batch-norm re-estimation at the site (AdaBN)?
 
 ``cytoedge adapt`` with no reviewed cells re-estimates the network's batch-norm statistics on the site's
-unlabelled crops (``engines.adapt.reestimate_batchnorm``). This re-opens the lever runs of
-``engines.experiments.norm_augment`` (their epoch checkpoints) and measures each wbc-shift domain with the
-adaptation protocol of ``engines.adapt.adaptation_curve``: half the cells (fixed permutation, seed 12345)
-are the site's unlabelled pool, the other half the test half; balanced accuracy on the test half before
-and after AdaBN on the pool. No labels are used to adapt; the test half is never adapted on.
+unlabelled crops (``engines.adapt.reestimate_batchnorm``). This re-opens the lever models of
+``engines.experiments.norm_augment`` (the weights.pt beside each exported model, in its ``--work`` folder)
+and measures each wbc-shift domain with the adaptation protocol of ``engines.adapt.adaptation_curve``: half
+the cells (fixed permutation, seed 12345) are the site's unlabelled pool, the other half the test half;
+balanced accuracy on the test half before and after AdaBN on the pool. No labels are used to adapt; the
+test half is never adapted on.
 
     python -m engines.experiments.adabn_levers --levers engines/experiments/results/style-strong.json \
-        --cells .cache/foreign/white64.npz --out engines/experiments/results/style-strong-adabn.json
+        --out engines/experiments/results/style-strong-adabn.json
 """
 
 from __future__ import annotations
@@ -22,10 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engines import evaluate, export, ood, pbc
-from engines.adapt import predict_probs, reestimate_batchnorm
-from engines.baseline import FIELD_UM, INPUT_SIZE, BaselineCNN, prepare_data, run_key
-from engines.experiments.norm_augment import lever_config
+from engines import evaluate, ood, pbc
+from engines.adapt import load_weights, predict_probs, reestimate_batchnorm
+from engines.baseline import FIELD_UM, INPUT_SIZE, WEIGHTS_FILE
 
 
 def halves(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -38,33 +38,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engines.experiments.adabn_levers",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--levers", type=Path, required=True, help="a norm_augment results JSON")
-    parser.add_argument("--cells", type=Path, required=True, help="the --cells file the levers trained with")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--work", type=Path, default=pbc.REPO_ROOT / ".cache" / "levers")
+    parser.add_argument("--work", type=Path, default=pbc.REPO_ROOT / ".cache" / "levers",
+                        help="the --work folder the levers were trained in")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     levers = json.loads(args.levers.read_text())
-    root = pbc.data_dir(None)
     domains, _ = ood.domain_crops(pbc.CLASSES, FIELD_UM, INPUT_SIZE)
     report = json.loads(args.out.read_text()) if args.out.is_file() else {"runs": {}}
     report["protocol"] = __doc__.split("\n\n")[1].replace("\n", " ")
     for key in levers["runs"]:
         if key.count("/") != 1 or key in report["runs"]:
             continue  # leave-one-out folds are for selection only
-        name, seed = key.split("/")[0], int(key.split("seed")[1])
-        cfg = lever_config(name, seed, levers["epochs"], levers["per_class"], args.cells)
-        data = prepare_data(root, cfg)
-        checkpoint = args.work / "checkpoints" / f"run-{run_key(cfg, data)}.pt"
-        if not checkpoint.is_file():
-            print(f"{key}: no checkpoint at {checkpoint}, skipped", file=sys.stderr)
+        folder = args.work / key.replace("/", "-")
+        if not (folder / WEIGHTS_FILE).is_file():
+            print(f"{key}: no {WEIGHTS_FILE} in {folder} (train it with norm_augment --work {args.work}), skipped",
+                  file=sys.stderr)
             continue
-        # Without the style layers: reestimate_batchnorm runs the network in training mode, where they would
-        # re-style the site's crops. They hold no weights, so the checkpoint loads the same.
-        model = BaselineCNN(len(data.classes), cfg.stem, cfg.widths, cfg.norm, cfg.input_norm, data.mean, data.std)
-        model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["model"])
-        model.eval()
-        meta = export.make_metadata(name=name, version=str(seed), classes=data.classes, input_size=INPUT_SIZE,
-                                    mean=data.mean, std=data.std, field_um=FIELD_UM, kind="baseline")
+        # Rebuilt without style-mixing layers (save_weights leaves them out): reestimate_batchnorm runs the
+        # network in training mode, where they would re-style the site's crops.
+        model, meta = load_weights(folder / "model.onnx")
         result = {}
         for domain, (crops, labels) in domains.items():
             test, pool = halves(len(labels))
@@ -73,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             reestimate_batchnorm(adapted, crops[pool], meta)
             after = predict_probs(adapted, crops[test], meta).argmax(1)
             result[domain] = {f"{when}_balanced_accuracy": round(evaluate.classification_metrics(
-                pred, labels[test], data.classes)["balanced_accuracy"], 4) for when, pred in
+                pred, labels[test], meta.classes)["balanced_accuracy"], 4) for when, pred in
                 (("before", before), ("adabn", after))}
         report["runs"][key] = result
         print(key, json.dumps(result), flush=True)

@@ -51,7 +51,7 @@ import numpy as np
 
 from calibration.temperature import fit_temperature
 from engines import evaluate, export, foreign, pbc
-from engines.baseline import FIELD_UM, INPUT_SIZE, TrainConfig, train
+from engines.baseline import FIELD_UM, INPUT_SIZE, WEIGHTS_FILE, TrainConfig, save_weights, train
 from engines.experiments.levers import inputs, row
 
 # A variant's name is ``<norm>+<augment>[+<lever>]``; each part names TrainConfig fields (the rest default).
@@ -186,7 +186,8 @@ def recorded(name: str) -> dict:
 
 
 def fit_and_export(root: Path, cfg: TrainConfig, full, folder: Path, name: str, checkpoints: Path) -> Path:
-    """Train one lever model, export it like a shipped one (ONNX; temperature on the full validation split)."""
+    """Train one lever model, export it like a shipped one (ONNX; temperature on the full validation split;
+    weights.pt beside it)."""
     model, data, _ = train(root, cfg, checkpoints, resume=True, log=lambda *_: None)
     folder.mkdir(parents=True, exist_ok=True)
     meta = export.make_metadata(name=name, version=str(cfg.seed), classes=data.classes,
@@ -195,6 +196,7 @@ def fit_and_export(root: Path, cfg: TrainConfig, full, folder: Path, name: str, 
     onnx_path = export.export_onnx(model, folder / "model.onnx", meta)
     temperature = fit_temperature(evaluate.onnx_logits(onnx_path, full.images["val"]), full.labels["val"])
     export.write_metadata(onnx_path, export.replace(meta, temperature=round(temperature, 4)))
+    save_weights(model, folder / WEIGHTS_FILE)  # what engines.adapt.load_weights (and adabn_levers) reopens
     return onnx_path
 
 
