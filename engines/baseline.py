@@ -166,7 +166,7 @@ def save_weights(model: nn.Module, path: Path) -> None:
     buffer = io.BytesIO()
     torch.save({"architecture": type(model).__name__, "num_classes": body.head.out_features,
                 "stem": body.stem[0].out_channels, "widths": [block.conv2.out_channels for block in body.blocks],
-                "options": body.options if body is model else {}, "state_dict": model.state_dict()}, buffer)
+                "options": getattr(model, "options", {}), "state_dict": model.state_dict()}, buffer)
     pbc.atomic_write_bytes(Path(path), buffer.getvalue())
 
 

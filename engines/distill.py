@@ -54,10 +54,11 @@ class Student(nn.Module):
     pooled features: sigmoid -> (uncertainty, anomaly), both in 0..1 as the runtime expects."""
 
     def __init__(self, num_classes: int, stem: int = 24, widths: tuple[int, ...] = (32, 64, 128, 192),
-                 style: str = "none") -> None:
+                 style: str = "none", norm: str = "batch") -> None:
         super().__init__()
-        self.body = BaselineCNN(num_classes, stem, widths, style=style)
+        self.body = BaselineCNN(num_classes, stem, widths, norm=norm, style=style)
         self.aux = nn.Linear(widths[-1], 2)
+        self.options = {"norm": norm}  # what save_weights records to rebuild it
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         pooled = self.body.features(image)
@@ -87,6 +88,7 @@ class DistillConfig:
     per_class_limit: int = 0
     init: str = ""  # a baseline checkpoint, or a student's weights.pt (body and heads), or "" = from scratch
     augment: str = "basic"  # or an engines.augment set (e.g. "strong-isolate"), applied before the flips/jitter
+    norm: str = "batch"  # "group" / "layer": the body's normalisation (a robustness lever; must match --init)
     # Unlabelled white cells of other microscopes (engines.foreign cut) and the teacher's outputs on them
     # (engines.latent label --foreign): KL + head regression on them, weight ``foreign_weight``, train frames only.
     foreign_cells: str = ""
@@ -159,14 +161,18 @@ def train(root: Path, cfg: DistillConfig, labels_path: Path, calib_path: Path, o
     if far is not None:
         log(f"{len(far['crops'])} foreign white cells (txl-pbc train frames) with teacher outputs, "
             f"weight {cfg.foreign_weight}")
-    model = Student(len(data.classes), cfg.stem, tuple(cfg.widths))
+    model = Student(len(data.classes), cfg.stem, tuple(cfg.widths), norm=cfg.norm)
     if cfg.init:
         state = torch.load(cfg.init, map_location="cpu", weights_only=False)
         if state.get("architecture") == "Student":  # a shipped student's weights.pt: body and heads
             model.load_state_dict(state["state_dict"])
             log(f"initialised the whole student from {cfg.init}")
         else:  # a baseline checkpoint (engines.baseline .pt or weights.pt): the body
-            model.body.load_state_dict(network_state(cfg.init))
+            try:
+                model.body.load_state_dict(network_state(cfg.init))
+            except RuntimeError as err:
+                raise SystemExit(f"{cfg.init} does not fit a student body with {cfg.norm} norm (--norm must be "
+                                 f"what it was trained with): {str(err).splitlines()[0]}") from None
             log(f"initialised the body from {cfg.init}")
     model = model.to(memory_format=torch.channels_last)
     steps = max(1, math.ceil(len(x_train) / cfg.batch_size))
@@ -258,7 +264,7 @@ def train(root: Path, cfg: DistillConfig, labels_path: Path, calib_path: Path, o
 def load_student(path: Path) -> tuple[Student, dict]:
     state = torch.load(path, map_location="cpu", weights_only=False)
     cfg = state["config"]
-    model = Student(len(state["classes"]), cfg["stem"], tuple(cfg["widths"]))
+    model = Student(len(state["classes"]), cfg["stem"], tuple(cfg["widths"]), norm=cfg.get("norm", "batch"))
     model.load_state_dict(state["model"])
     model.eval()
     return model, state
@@ -331,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exclude", action="append", choices=pbc.CLASSES)
     p.add_argument("--augment", choices=["basic", *PIPELINES], default="basic",
                    help="engines.augment set for lab-to-lab variation (default: none)")
+    p.add_argument("--norm", choices=["batch", "group", "layer"], default="batch",
+                   help="the body's normalisation layers (as the --init network was trained with)")
     p.add_argument("--foreign", nargs=2, metavar=("CELLS_NPZ", "LABELS_NPZ"), default=None,
                    help="unlabelled foreign white cells and the teacher's outputs on them (docs/robustness.md)")
     p.add_argument("--foreign-weight", type=float, default=1.0, help="weight of the foreign KL + head loss")
@@ -357,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides.update(foreign_cells=str(args.foreign[0]), foreign_labels=str(args.foreign[1]),
                          foreign_weight=args.foreign_weight)
     cfg = DistillConfig(**overrides, seed=args.seed, threads=args.threads, init=args.init,
-                        exclude_classes=sorted(args.exclude or []), augment=args.augment)
+                        exclude_classes=sorted(args.exclude or []), augment=args.augment,
+                        norm=args.norm)
     train(root, cfg, args.labels, args.calib, args.out)
     return 0
 
