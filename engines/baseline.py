@@ -76,6 +76,25 @@ class LowPass(nn.Module):
         return F.interpolate(self.down(x), scale_factor=self.factor, mode="bilinear", align_corners=False)
 
 
+class Grey(nn.Module):
+    """Keeps only the luminance (Rec. 601 weights) of a mean/std-normalised RGB crop, repeated in all three
+    channels and normalised again: hue and saturation, which differ most between stains and cameras, cannot
+    be learnt, in training and at run time alike (part of the exported graph). An invariance by construction,
+    where colour augmentation only teaches one."""
+
+    WEIGHTS = (0.299, 0.587, 0.114)
+
+    def __init__(self, mean: list[float], std: list[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor([float(v) for v in mean]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([float(v) for v in std]).view(1, 3, 1, 1))
+        self.register_buffer("weights", torch.tensor(self.WEIGHTS).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        luminance = ((x * self.std + self.mean) * self.weights).sum(1, keepdim=True)
+        return (luminance - self.mean) / self.std
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions with a residual path; a 1x1 projection when the shape changes."""
 
@@ -101,10 +120,21 @@ class BaselineCNN(nn.Module):
 
     def __init__(self, num_classes: int, stem: int = 24, widths: tuple[int, ...] = (32, 64, 128, 192),
                  norm: str = "batch", input_norm: str = "none", pixel_mean: list[float] | None = None,
-                 pixel_std: list[float] | None = None, style: str = "none", resolution: int = INPUT_SIZE) -> None:
+                 pixel_std: list[float] | None = None, style: str = "none", resolution: int = INPUT_SIZE,
+                 colour: str = "rgb") -> None:
         super().__init__()
         # What save_weights records to rebuild it (style mixing holds no weights and is for training only).
         self.options: dict = {"norm": norm, "resolution": resolution}
+        # colour "grey": luminance only, in the graph (a robustness lever)
+        self.grey: nn.Module | None = None
+        if colour == "grey":
+            if pixel_mean is None or pixel_std is None:
+                raise ValueError("colour='grey' needs pixel_mean and pixel_std")
+            self.grey = Grey(pixel_mean, pixel_std)
+            self.options.update(colour=colour, pixel_mean=[float(v) for v in pixel_mean],
+                                pixel_std=[float(v) for v in pixel_std])
+        elif colour != "rgb":
+            raise ValueError(f"unknown colour {colour!r} (rgb or grey)")
         # resolution < INPUT_SIZE: the crop's detail is limited to that many pixels across, in the graph
         self.low_pass: nn.Module | None = LowPass(resolution) if resolution != INPUT_SIZE else None
         # input_norm "plasma": optical density against each crop's own plasma, in the graph
@@ -138,6 +168,8 @@ class BaselineCNN(nn.Module):
 
     def features(self, image: torch.Tensor) -> torch.Tensor:
         """Pooled features before the head (a student's extra heads read them too)."""
+        if self.grey is not None:
+            image = self.grey(image)
         if self.low_pass is not None:
             image = self.low_pass(image)
         if self.plasma is not None:
@@ -231,6 +263,7 @@ class TrainConfig:
     context_radius: float = 0.0
     norm: str = "batch"  # "group" / "layer": GroupNorm (8 groups / one) instead of BatchNorm (robustness lever)
     resolution: int = INPUT_SIZE  # < INPUT_SIZE: detail limited to this many pixels across (LowPass; a lever)
+    colour: str = "rgb"  # "grey": luminance only, in the graph (Grey; a lever)
     input_norm: str = "none"  # "plasma": optical density against each crop's plasma (engines.plasma_norm);
     # "plasma-ratio": pixel / plasma without the logarithm
     style: str = "none"  # "batch" / "foreign": feature-style mixing (engines.style_mix), a robustness lever
@@ -320,6 +353,8 @@ def run_key(cfg: TrainConfig, data: PreparedData) -> str:
         del config["input_norm"]
     if config["resolution"] == INPUT_SIZE:
         del config["resolution"]
+    if config["colour"] == "rgb":
+        del config["colour"]
     if config["style"] == "none" and not config["consistency"]:
         for key in ("style", "foreign_cells", "foreign_batch", "foreign_exclude"):
             del config[key]
@@ -378,7 +413,7 @@ def train(root: Path, cfg: TrainConfig, checkpoint_dir: Path, resume: bool = Fal
     torch.manual_seed(cfg.seed)
     data = prepare_data(root, cfg)
     model = BaselineCNN(len(data.classes), cfg.stem, cfg.widths, cfg.norm, cfg.input_norm, data.mean,
-                        data.std, cfg.style, cfg.resolution).to(memory_format=torch.channels_last)
+                        data.std, cfg.style, cfg.resolution, cfg.colour).to(memory_format=torch.channels_last)
     train_x, train_y = data.images["train"], torch.from_numpy(data.labels["train"])
     pool = foreign_pool(cfg)
     if cfg.init:

@@ -182,8 +182,9 @@ def test_baseline_basic_run_key_is_unchanged_and_robust_differs() -> None:
 
     data = baseline.PreparedData(["a"], [0.5] * 3, [0.2] * 3, {}, {"train": np.zeros(3)}, {}, {"sha256": "x"})
     basic = baseline.TrainConfig()
+    # options added later, at their defaults
     later = ("augment", "context_radius", "norm", "input_norm", "style", "foreign_cells", "foreign_batch",
-             "foreign_exclude", "consistency", "consistency_threshold", "init", "resolution")  # later, at defaults
+             "foreign_exclude", "consistency", "consistency_threshold", "init", "resolution", "colour")
     legacy = {k: v for k, v in asdict(basic).items() if k not in later}
     text = json.dumps({"cfg": legacy, "split": "x", "n": {"train": 3}}, sort_keys=True)
     assert baseline.run_key(basic, data) == hashlib.sha256(text.encode()).hexdigest()[:12]
@@ -191,6 +192,7 @@ def test_baseline_basic_run_key_is_unchanged_and_robust_differs() -> None:
     assert baseline.run_key(baseline.TrainConfig(context_radius=0.4), data) != baseline.run_key(basic, data)
     assert baseline.run_key(baseline.TrainConfig(norm="group"), data) != baseline.run_key(basic, data)
     assert baseline.run_key(baseline.TrainConfig(resolution=32), data) != baseline.run_key(basic, data)
+    assert baseline.run_key(baseline.TrainConfig(colour="grey"), data) != baseline.run_key(basic, data)
 
 
 @pytest.mark.slow

@@ -120,3 +120,38 @@ def test_plasma_relative_network_saves_and_loads_with_its_input_normalisation(tm
     assert loaded.plasma is not None and loaded.options["input_norm"] == "plasma"
     x = torch.rand(2, 3, 64, 64)
     torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_grey_network_ignores_hue_and_saturation_even_in_the_onnx_file(tmp_path: Path) -> None:
+    """Two crops with the same luminance and different colour give the same answer, in torch and in ONNX;
+    the option survives weights.pt."""
+    torch = pytest.importorskip("torch")
+    import onnxruntime as ort
+
+    from engines import export
+    from engines.adapt import load_weights
+    from engines.baseline import WEIGHTS_FILE, BaselineCNN, Grey, save_weights
+
+    mean, std = [0.6, 0.5, 0.7], [0.2, 0.25, 0.15]
+    torch.manual_seed(0)
+    model = BaselineCNN(8, 8, (8, 16, 16, 16), pixel_mean=mean, pixel_std=std, colour="grey").eval()
+    rng = np.random.default_rng(0)
+    pixels = rng.uniform(0.2, 0.8, (1, 3, 64, 64)).astype(np.float32)
+    # move colour along a direction orthogonal to the luminance weights: chroma changes, luminance does not
+    w = np.array(Grey.WEIGHTS, np.float32)
+    chroma = np.cross(w, [1.0, 0.0, 0.0]).astype(np.float32)
+    recoloured = pixels + 0.15 * chroma.reshape(1, 3, 1, 1)
+    m, s = np.array(mean, np.float32).reshape(1, 3, 1, 1), np.array(std, np.float32).reshape(1, 3, 1, 1)
+    a, b = (pixels - m) / s, (recoloured - m) / s
+    assert np.abs(a - b).max() > 0.1
+    with torch.no_grad():
+        torch.testing.assert_close(model(torch.from_numpy(a)), model(torch.from_numpy(b)), atol=1e-5, rtol=1e-5)
+    meta = export.make_metadata(name="grey", version="1", classes=[str(i) for i in range(8)], input_size=64,
+                                mean=mean, std=std, field_um=36.0, kind="baseline")
+    path = export.export_onnx(model, tmp_path / "model.onnx", meta)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    np.testing.assert_allclose(session.run(None, {name: a})[0], session.run(None, {name: b})[0], atol=1e-4)
+    save_weights(model, tmp_path / WEIGHTS_FILE)
+    loaded, _ = load_weights(path)
+    assert loaded.grey is not None and loaded.options["colour"] == "grey"

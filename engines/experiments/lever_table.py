@@ -26,7 +26,7 @@ SHORT_RUNS = ["norm_augment.json", "plasma.json", "style-basic.json", "style-str
 NORMS = {"bn": "BatchNorm", "gn": "GroupNorm (8 groups)", "ln": "layer norm"}
 LEVERS = {"plasma": "plasma-relative input", "ratio": "plasma-ratio input (control)", "mix": "style mixing, PBC donors",
           "xmix": "style mixing, foreign donors", "xfix": "consistency on foreign cells",
-          "res32": "32 px detail", "res16": "16 px detail"}
+          "res32": "32 px detail", "res16": "16 px detail", "grey": "greyscale input"}
 FIGURES = ("pbc_test_balanced_accuracy", "tecom_balanced_accuracy", "cellavision-blog_balanced_accuracy")
 
 

@@ -68,6 +68,8 @@ LEVERS = {
     "xfix": {"consistency": 1.0},
     # input resolution: detail limited to 32 or 16 px across the same field (engines.baseline.LowPass)
     "res32": {"resolution": 32}, "res16": {"resolution": 16},
+    # luminance only (engines.baseline.Grey): no hue or saturation to learn, in training and in the graph
+    "grey": {"colour": "grey"},
 }
 # The variants run so far (result files under engines/experiments/results name them).
 MEASURED = ("bn+basic", "gn+basic", "bn+strong", "gn+strong", "ln+basic", "ln+strong",
@@ -75,7 +77,7 @@ MEASURED = ("bn+basic", "gn+basic", "bn+strong", "gn+strong", "ln+basic", "ln+st
             "bn+basic+mix", "bn+strong+mix", "bn+basic+xmix", "bn+strong+xmix", "bn+basic+xfix", "bn+strong+xfix",
             "bn+basic+res32", "bn+strong+res32", "bn+strong+res16", "gn+strong+res32", "ln+strong+res32")
 # What each variant's report block records (the TrainConfig fields a lever may change).
-RECORDED_FIELDS = ("norm", "augment", "input_norm", "style", "consistency", "resolution")
+RECORDED_FIELDS = ("norm", "augment", "input_norm", "style", "consistency", "resolution", "colour")
 
 
 def overrides(name: str) -> dict:
