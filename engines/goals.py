@@ -85,10 +85,14 @@ TRIED = [
     "domain, not better out of domain overall; so it did not replace the teacher.",
     "Distilling students on the teacher's posterior over unlabelled white cells of three other microscopes "
     "(txl-pbc), against the same student without them (docs/robustness.md, foreign-cell lever).",
-    "Normalisation (BatchNorm / GroupNorm / layer norm) × colour/optics augmentation, 3 seeds at two budgets: at "
+    "Normalisation (BatchNorm / GroupNorm / layer norm) × colour/optics augmentation, 3 seeds at three budgets: at "
     "3,200 crops × 10 epochs GroupNorm or layer norm with the augmentation beat BatchNorm on tecom (0.59 / 0.58 vs "
-    "0.35) and cellavision-blog (0.42 vs 0.33) but reached only 0.64–0.67 in domain; not yet trained to "
-    "convergence or distilled (docs/robustness.md).",
+    "0.35) and cellavision-blog (0.42 vs 0.33) at 0.64–0.67 in domain; trained further (7,210 crops × 20 epochs) "
+    "GroupNorm reached 0.92 in domain and fell back to 0.31 on tecom (cellavision-blog 0.41): the gain was a stage "
+    "of training, so no student was distilled on that body (docs/robustness.md).",
+    "Greyscale input (luminance only, in the graph), 3 seeds at 3,200 crops × 10 epochs: tecom 0.08 with the basic "
+    "recipe (colour: 0.28) and 0.32 with the augmentation (colour: 0.35); the foreign microscopes break more than "
+    "colour.",
     "Input resolution (detail limited to 32 or 16 px across the field, in the graph), from scratch and from "
     "converged weights, 3 seeds: 1–11 points worse on tecom, no better on cellavision-blog.",
     "Plasma-relative input normalisation (optical density against each crop's own plasma, in the graph): invariant to "
