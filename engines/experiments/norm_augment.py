@@ -75,7 +75,8 @@ LEVERS = {
 MEASURED = ("bn+basic", "gn+basic", "bn+strong", "gn+strong", "ln+basic", "ln+strong",
             "bn+basic+plasma", "bn+strong+plasma", "bn+basic+ratio", "bn+strong+ratio",
             "bn+basic+mix", "bn+strong+mix", "bn+basic+xmix", "bn+strong+xmix", "bn+basic+xfix", "bn+strong+xfix",
-            "bn+basic+res32", "bn+strong+res32", "bn+strong+res16", "gn+strong+res32", "ln+strong+res32")
+            "bn+basic+res32", "bn+strong+res32", "bn+strong+res16", "gn+strong+res32", "ln+strong+res32",
+            "bn+basic+grey", "bn+strong+grey")
 # What each variant's report block records (the TrainConfig fields a lever may change).
 RECORDED_FIELDS = ("norm", "augment", "input_norm", "style", "consistency", "resolution", "colour")
 
