@@ -90,8 +90,6 @@ def overrides(name: str) -> dict:
     return {**NORMS[norm], **AUGMENTS[augment], **(LEVERS[lever[0]] if lever else {})}
 
 
-
-
 def variant_name(text: str) -> str:
     """argparse type: any name the grammar allows (a new combination need not be listed first)."""
     try:
@@ -99,6 +97,8 @@ def variant_name(text: str) -> str:
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
     return text
+
+
 DEFAULT_VARIANTS = ["bn+basic", "gn+basic", "bn+strong", "gn+strong"]
 
 
