@@ -128,11 +128,8 @@ class BaselineCNN(nn.Module):
         # colour "grey": luminance only, in the graph (a robustness lever)
         self.grey: nn.Module | None = None
         if colour == "grey":
-            if pixel_mean is None or pixel_std is None:
-                raise ValueError("colour='grey' needs pixel_mean and pixel_std")
-            self.grey = Grey(pixel_mean, pixel_std)
-            self.options.update(colour=colour, pixel_mean=[float(v) for v in pixel_mean],
-                                pixel_std=[float(v) for v in pixel_std])
+            self.grey = Grey(*self._pixel_stats(pixel_mean, pixel_std, "colour='grey'"))
+            self.options["colour"] = colour
         elif colour != "rgb":
             raise ValueError(f"unknown colour {colour!r} (rgb or grey)")
         # resolution < INPUT_SIZE: the crop's detail is limited to that many pixels across, in the graph
@@ -143,11 +140,9 @@ class BaselineCNN(nn.Module):
         if input_norm in ("plasma", "plasma-ratio"):  # "plasma-ratio": pixel / plasma, no logarithm (a control)
             from engines.plasma_norm import PlasmaNorm
 
-            if pixel_mean is None or pixel_std is None:
-                raise ValueError(f"input_norm={input_norm!r} needs pixel_mean and pixel_std")
-            self.plasma = PlasmaNorm(pixel_mean, pixel_std, mode="ratio" if input_norm == "plasma-ratio" else "od")
-            self.options.update(input_norm=input_norm, pixel_mean=[float(v) for v in pixel_mean],
-                                pixel_std=[float(v) for v in pixel_std])
+            mean, std = self._pixel_stats(pixel_mean, pixel_std, f"input_norm={input_norm!r}")
+            self.plasma = PlasmaNorm(mean, std, mode="ratio" if input_norm == "plasma-ratio" else "od")
+            self.options["input_norm"] = input_norm
         elif input_norm != "none":
             raise ValueError(f"unknown input normalisation {input_norm!r} (one of {INPUT_NORMS})")
         self.stem = nn.Sequential(nn.Conv2d(3, stem, 3, 2, 1, bias=False), make_norm(norm, stem), nn.ReLU())
@@ -165,6 +160,16 @@ class BaselineCNN(nn.Module):
             self.styles = nn.ModuleList(StyleMix() for _ in range(3))
         self.dropout = nn.Dropout(0.1)
         self.head = nn.Linear(cin, num_classes)
+
+    def _pixel_stats(self, pixel_mean: list[float] | None, pixel_std: list[float] | None,
+                     needed_by: str) -> tuple[list[float], list[float]]:
+        """The runtime's normalisation, which an in-graph input layer must undo; recorded in ``options`` so
+        save_weights can rebuild that layer."""
+        if pixel_mean is None or pixel_std is None:
+            raise ValueError(f"{needed_by} needs pixel_mean and pixel_std")
+        mean, std = [float(v) for v in pixel_mean], [float(v) for v in pixel_std]
+        self.options.update(pixel_mean=mean, pixel_std=std)
+        return mean, std
 
     def features(self, image: torch.Tensor) -> torch.Tensor:
         """Pooled features before the head (a student's extra heads read them too)."""
