@@ -27,6 +27,7 @@ from torch import nn
 from calibration.temperature import fit_temperature
 from edge.classifier import hide_context
 from engines import pbc
+from engines.amplitude_mix import amplitude_mix
 from engines.augment import augment_batch
 from engines.style_mix import DONORS, StyleMix, set_batch
 
@@ -276,8 +277,12 @@ class TrainConfig:
     # 2020): the network's confident call on a lightly changed view is the target for a ``strong`` view
     consistency: float = 0.0
     consistency_threshold: float = 0.9
-    # style "foreign" / consistency: other microscopes' unlabelled white cells (python -m engines.foreign cut;
-    # only its train-frame cells are used), this many per batch, without the sources named in foreign_exclude
+    # > 0: Fourier amplitude mixing with other microscopes' white cells as donors, ratio up to this value
+    # (engines.amplitude_mix; training only)
+    amplitude_mix: float = 0.0
+    # style "foreign" / consistency / amplitude_mix: other microscopes' unlabelled white cells (python -m
+    # engines.foreign cut; only its train-frame cells are used), foreign_batch of them per batch riding behind
+    # the labelled crops (style and consistency), without the sources named in foreign_exclude
     foreign_cells: str = ""
     foreign_batch: int = 64
     foreign_exclude: tuple[str, ...] = ()
@@ -360,9 +365,12 @@ def run_key(cfg: TrainConfig, data: PreparedData) -> str:
         del config["resolution"]
     if config["colour"] == "rgb":
         del config["colour"]
+    if not config["amplitude_mix"]:
+        del config["amplitude_mix"]
     if config["style"] == "none" and not config["consistency"]:
-        for key in ("style", "foreign_cells", "foreign_batch", "foreign_exclude"):
-            del config[key]
+        del config["style"], config["foreign_batch"]
+        if not config.get("amplitude_mix"):
+            del config["foreign_cells"], config["foreign_exclude"]
     if not config["consistency"]:
         del config["consistency"], config["consistency_threshold"]
     if not config["init"]:
@@ -382,12 +390,12 @@ def network_state(path: str | Path) -> dict:
 
 
 def foreign_pool(cfg: TrainConfig) -> np.ndarray | None:
-    """Other microscopes' unlabelled white cells, for style mixing or consistency (train frames only, minus
-    the excluded sources); None when the run uses neither."""
-    if cfg.style != "foreign" and not cfg.consistency:
+    """Other microscopes' unlabelled white cells, for style mixing, consistency or amplitude mixing (train
+    frames only, minus the excluded sources); None when the run uses none of them."""
+    if cfg.style != "foreign" and not cfg.consistency and not cfg.amplitude_mix:
         return None
     if not cfg.foreign_cells:
-        raise ValueError("foreign style mixing or consistency needs foreign_cells "
+        raise ValueError("foreign style mixing, consistency or amplitude mixing needs foreign_cells "
                          "(python -m engines.foreign cut --out FILE)")
     from engines import foreign
 
@@ -456,6 +464,9 @@ def train(root: Path, cfg: TrainConfig, checkpoint_dir: Path, resume: bool = Fal
             if len(idx) < 2:
                 continue
             batch = train_x[idx.numpy()]
+            if cfg.amplitude_mix:  # before the colour/optics ops, so they vary around the foreign looks too
+                batch = amplitude_mix(batch, pool, np.random.default_rng([cfg.seed, epoch, step, 11]),
+                                      cfg.amplitude_mix)
             if cfg.augment != "basic":
                 batch = augment_batch(batch, cfg.augment, np.random.default_rng([cfg.seed, epoch, step]))
             if cfg.context_radius:  # after the colour ops, as the runtime hides the context of a foreign crop
@@ -463,7 +474,7 @@ def train(root: Path, cfg: TrainConfig, checkpoint_dir: Path, resume: bool = Fal
             y = train_y[idx]
             rng = np.random.default_rng([cfg.seed, epoch, step, 7])
             targets = None
-            if pool is not None:  # foreign cells ride behind the labelled ones in the same batch
+            if pool is not None and (cfg.style == "foreign" or cfg.consistency):  # donors ride behind the batch
                 extra = pool[rng.integers(0, len(pool), cfg.foreign_batch)]
                 if cfg.consistency:
                     targets = consistency_targets(model, extra, data, gen, cfg.consistency_threshold)

@@ -70,15 +70,18 @@ LEVERS = {
     "res32": {"resolution": 32}, "res16": {"resolution": 16},
     # luminance only (engines.baseline.Grey): no hue or saturation to learn, in training and in the graph
     "grey": {"colour": "grey"},
+    # Fourier amplitude mixing with other microscopes' white cells as donors (engines.amplitude_mix)
+    "amp": {"amplitude_mix": 1.0},
 }
 # The variants run so far (result files under engines/experiments/results name them).
 MEASURED = ("bn+basic", "gn+basic", "bn+strong", "gn+strong", "ln+basic", "ln+strong",
             "bn+basic+plasma", "bn+strong+plasma", "bn+basic+ratio", "bn+strong+ratio",
             "bn+basic+mix", "bn+strong+mix", "bn+basic+xmix", "bn+strong+xmix", "bn+basic+xfix", "bn+strong+xfix",
             "bn+basic+res32", "bn+strong+res32", "bn+strong+res16", "gn+strong+res32", "ln+strong+res32",
-            "bn+basic+grey", "bn+strong+grey")
+            "bn+basic+grey", "bn+strong+grey", "bn+basic+amp", "bn+strong+amp", "gn+strong+amp")
 # What each variant's report block records (the TrainConfig fields a lever may change).
-RECORDED_FIELDS = ("norm", "augment", "input_norm", "style", "consistency", "resolution", "colour")
+RECORDED_FIELDS = ("norm", "augment", "input_norm", "style", "consistency", "resolution", "colour",
+                   "amplitude_mix")
 
 
 def overrides(name: str) -> dict:
@@ -129,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--per-class", type=int, default=200)
     parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--no-folds", action="store_true",
+                        help="skip the leave-one-microscope-out runs of foreign-cell levers (a first look only)")
     parser.add_argument("--work", type=Path, default=pbc.REPO_ROOT / ".cache" / "levers")
     args = parser.parse_args(argv)
     root, full, cells, domains = inputs(args.cells)
@@ -143,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.variants:
             base = lever_config(name, seed, args.epochs, args.per_class, args.cells)
             # A model that trained on foreign cells is measured leave-one-microscope-out by runs without each.
-            folds = [(f"/without-{s}", (s,)) for s in sources] if base.foreign_cells else []
+            folds = [(f"/without-{s}", (s,)) for s in sources] if base.foreign_cells and not args.no_folds else []
             for suffix, exclude in [("", ()), *folds]:
                 key = f"{name}/seed{seed}{suffix}"
                 if key in report["runs"]:
@@ -178,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
 def lever_config(name: str, seed: int, epochs: int, per_class: int, cells: Path) -> TrainConfig:
     """The TrainConfig of one lever run (one thread; foreign cells only where the lever uses them)."""
     cfg = replace(TrainConfig(epochs=epochs, per_class_limit=per_class, seed=seed, threads=1), **overrides(name))
-    uses_foreign = cfg.style == "foreign" or cfg.consistency > 0
+    uses_foreign = cfg.style == "foreign" or cfg.consistency > 0 or cfg.amplitude_mix > 0
     return replace(cfg, foreign_cells=str(cells) if uses_foreign else "")
 
 
