@@ -89,7 +89,8 @@ def test_every_measured_variant_builds_the_settings_its_result_file_recorded() -
     """The variant grammar replaced hand-kept tables; the recorded runs (and their resume keys) must not move."""
     import json
 
-    from engines.experiments.norm_augment import MEASURED, recorded
+    from engines.experiments.norm_augment import recorded
+    from engines.experiments.variants import MEASURED
 
     checked = 0
     for path in sorted((Path(__file__).parents[1] / "engines/experiments/results").glob("*.json")):
@@ -123,3 +124,14 @@ def test_a_new_combination_needs_no_table_entry() -> None:
     assert (cfg.norm, cfg.augment, cfg.consistency, cfg.foreign_cells) == ("group", "strong", 1.0, "cells.npz")
     assert lever_config("ln+basic", 0, 2, 10, Path("cells.npz")).foreign_cells == ""
 
+
+
+def test_every_lever_the_harness_can_run_has_a_description_in_the_table() -> None:
+    """One grammar serves the harness and the table: a new lever is described the moment it can run."""
+    from engines.experiments.lever_table import describe
+    from engines.experiments.variants import LEVERS, MEASURED, overrides
+
+    for lever in LEVERS:
+        assert describe(f"gn+strong+{lever}").startswith("GroupNorm (8 groups) + strong + ")
+        assert overrides(f"bn+basic+{lever}")["augment"] == "basic"
+    assert all(describe(name) for name in MEASURED)

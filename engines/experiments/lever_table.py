@@ -18,15 +18,12 @@ import sys
 from pathlib import Path
 
 from engines import pbc
+from engines.experiments.variants import describe
 
 RESULTS = pbc.REPO_ROOT / "engines" / "experiments" / "results"
 # the short-run lever files, in the order they were measured (the first holds the oldest references)
 SHORT_RUNS = ["norm_augment.json", "plasma.json", "style-basic.json", "style-strong.json", "resolution.json",
               "norm_resolution.json"]
-NORMS = {"bn": "BatchNorm", "gn": "GroupNorm (8 groups)", "ln": "layer norm"}
-LEVERS = {"plasma": "plasma-relative input", "ratio": "plasma-ratio input (control)", "mix": "style mixing, PBC donors",
-          "xmix": "style mixing, foreign donors", "xfix": "consistency on foreign cells",
-          "res32": "32 px detail", "res16": "16 px detail", "grey": "greyscale input"}
 FIGURES = ("pbc_test_balanced_accuracy", "tecom_balanced_accuracy", "cellavision-blog_balanced_accuracy")
 
 
@@ -39,12 +36,6 @@ def reference_name(variant: str) -> str:
     """The run a lever is judged against: BatchNorm with the same augmentation and no other lever; for the
     augmentation alone (``bn+strong``), BatchNorm with the basic one."""
     return "bn+basic" if is_augmentation_alone(variant) else "bn+" + variant.split("+")[1]
-
-
-def describe(variant: str) -> str:
-    """``gn+strong+res32`` -> ``GroupNorm (8 groups) + strong + 32 px detail``."""
-    norm, augment, *levers = variant.split("+")
-    return " + ".join([NORMS[norm], augment, *(LEVERS[lever] for lever in levers)])
 
 
 def rows(reports: list[tuple[str, dict]]) -> list[dict]:

@@ -5,7 +5,7 @@ feature-style mixing (engines.style_mix) with PBC or other microscopes' unlabell
 
 Short on purpose (a shared 2-core CPU): ``--per-class`` training crops per class, ``--epochs`` epochs, the
 baseline network and recipe (engines.baseline.train), so what differs between rows is the lever only. A
-variant is named ``<norm>+<augment>[+<lever>]`` (NORMS, AUGMENTS, LEVERS below), so a new combination such
+variant is named ``<norm>+<augment>[+<lever>]`` (engines.experiments.variants), so a new combination such
 as ``gn+strong+xfix`` runs without editing this file.
 Every model is exported like a shipped one (ONNX, temperature on validation) and measured by
 ``engines.experiments.levers.row``: selection figures (PBC validation, label-free leave-one-microscope-out
@@ -53,44 +53,11 @@ from calibration.temperature import fit_temperature
 from engines import evaluate, export, foreign, pbc
 from engines.baseline import FIELD_UM, INPUT_SIZE, WEIGHTS_FILE, TrainConfig, save_weights, train
 from engines.experiments.levers import inputs, row
+from engines.experiments.variants import overrides
 
-# A variant's name is ``<norm>+<augment>[+<lever>]``; each part names TrainConfig fields (the rest default).
-NORMS = {"bn": {"norm": "batch"}, "gn": {"norm": "group"}, "ln": {"norm": "layer"}}  # layer: one group
-AUGMENTS = {"basic": {"augment": "basic"}, "strong": {"augment": "strong"}}
-LEVERS = {
-    # plasma-relative input (engines.plasma_norm): optical density against each crop's own plasma
-    "plasma": {"input_norm": "plasma"},
-    # the control: the same division by the plasma, without the logarithm (transmittance)
-    "ratio": {"input_norm": "plasma-ratio"},
-    # feature-style mixing (engines.style_mix): PBC donors, or other microscopes' white cells
-    "mix": {"style": "batch"}, "xmix": {"style": "foreign"},
-    # consistency on other microscopes' unlabelled white cells (FixMatch; engines.baseline)
-    "xfix": {"consistency": 1.0},
-    # input resolution: detail limited to 32 or 16 px across the same field (engines.baseline.LowPass)
-    "res32": {"resolution": 32}, "res16": {"resolution": 16},
-    # luminance only (engines.baseline.Grey): no hue or saturation to learn, in training and in the graph
-    "grey": {"colour": "grey"},
-    # Fourier amplitude mixing with other microscopes' white cells as donors (engines.amplitude_mix)
-    "amp": {"amplitude_mix": 1.0},
-}
-# The variants run so far (result files under engines/experiments/results name them).
-MEASURED = ("bn+basic", "gn+basic", "bn+strong", "gn+strong", "ln+basic", "ln+strong",
-            "bn+basic+plasma", "bn+strong+plasma", "bn+basic+ratio", "bn+strong+ratio",
-            "bn+basic+mix", "bn+strong+mix", "bn+basic+xmix", "bn+strong+xmix", "bn+basic+xfix", "bn+strong+xfix",
-            "bn+basic+res32", "bn+strong+res32", "bn+strong+res16", "gn+strong+res32", "ln+strong+res32",
-            "bn+basic+grey", "bn+strong+grey", "bn+basic+amp", "bn+strong+amp", "gn+strong+amp")
 # What each variant's report block records (the TrainConfig fields a lever may change).
 RECORDED_FIELDS = ("norm", "augment", "input_norm", "style", "consistency", "resolution", "colour",
                    "amplitude_mix")
-
-
-def overrides(name: str) -> dict:
-    """The TrainConfig fields a variant name sets; a clear error for a name outside the grammar."""
-    norm, augment, *lever = name.split("+")
-    if norm not in NORMS or augment not in AUGMENTS or len(lever) > 1 or (lever and lever[0] not in LEVERS):
-        raise ValueError(f"unknown variant {name!r}: expected <{'|'.join(NORMS)}>+<{'|'.join(AUGMENTS)}>"
-                         f"[+<{'|'.join(LEVERS)}>]")
-    return {**NORMS[norm], **AUGMENTS[augment], **(LEVERS[lever[0]] if lever else {})}
 
 
 def variant_name(text: str) -> str:
@@ -128,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cells", type=Path, required=True, help="python -m engines.foreign cut output")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--variants", nargs="+", type=variant_name, default=DEFAULT_VARIANTS,
-                        help="<bn|gn|ln>+<basic|strong>[+<lever>] (see LEVERS); e.g. gn+strong+xfix")
+                        help="<bn|gn|ln>+<basic|strong>[+<lever>] (engines.experiments.variants); e.g. gn+strong+amp")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--per-class", type=int, default=200)
     parser.add_argument("--epochs", type=int, default=4)
