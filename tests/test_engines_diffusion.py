@@ -141,6 +141,19 @@ def test_smoke_chain_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
                          "--augment", "strong-isolate"]) == 0  # the robust student's path (docs/robustness.md)
     out = tmp_path / "student"
     assert distill.main(["export", "--student", str(s_ckpt), "--out", str(out)]) == 0
+    # the pixel teacher measured like the student (the same command as the latent one's)
+    from engines.experiments import latent_teacher
+
+    test = tmp_path / "test.npz"
+    assert teacher.main(["label", "--teacher", str(t_ckpt), "--split", "test", "--preset", "smoke",
+                         "--no-prune", "--out", str(test), "--threads", "1"]) == 0
+    figures = tmp_path / "teacher.json"
+    assert latent_teacher.main(["--teacher", str(t_ckpt), "--test", str(test), "--calib", str(tmp_path / "calib.json"),
+                                "--students", str(out), "--out", str(figures)]) == 0
+    measured = json.loads(figures.read_text())
+    assert measured["teacher"]["steps"] > 0 and "autoencoder" not in measured["teacher"]
+    assert 0 <= measured["test"]["balanced_accuracy"] <= 1
+    assert 0 <= measured["students"]["student"]["teacher_student_top1"] <= 1
 
     classifier = OnnxRuntimeClassifier(out / "model.onnx", threads=1)
     meta = classifier.metadata

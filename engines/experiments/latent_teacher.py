@@ -1,5 +1,6 @@
-"""The latent diffusion teacher measured like the student: PBC test figures from its label file, agreement
-with each student, and its validation calibration (pruning study included).
+"""A diffusion teacher (latent, or the pixel teacher of engines.diffusion) measured like the student: PBC
+test figures from its label file, agreement with each student, its validation calibration (pruning study
+included), and its training budget and loss curve from the checkpoint.
 
     python -m engines.experiments.latent_teacher --teacher .cache/latent/teacher.pt \
         --test .cache/latent/teacher-test.npz --calib .cache/latent/teacher-calib.json \
@@ -44,14 +45,10 @@ def measure(teacher: Path, test: Path, calib_path: Path, students: list[Path], r
     labels, classes = data.labels["test"][index], data.classes
     summ = summarise(lab["errors"], calib["tau"])
     t_pred = summ["posterior"].argmax(1)
-    ae = state["autoencoder"]
     report = {
         "teacher": {"checkpoint": teacher.name, "params": state["params"], "macs_per_pass": state["macs"],
                     "steps": state["step"], "train_minutes": round(state["elapsed"] / 60, 1),
                     "config": state["config"], "loss_curve": _curve(state["history"]),
-                    "autoencoder": {"params": ae["params"], "steps": ae["step"],
-                                    "train_minutes": round(ae["elapsed"] / 60, 1), "config": ae["config"],
-                                    "curve": _curve(ae["history"])},
                     "split_sha256": state["split_sha256"]},
         "scoring": {"timesteps": [int(t) for t in lab["timesteps"]], "tau": calib["tau"],
                     "passes_per_cell": float(lab["passes"].mean()), "ms_per_cell": float(lab["ms_per_cell"]),
@@ -61,6 +58,11 @@ def measure(teacher: Path, test: Path, calib_path: Path, students: list[Path], r
                  "of_split": len(data.labels["test"]), "labelled": json.loads(str(lab["config"]))},
         "students": {},
     }
+    ae = state.get("autoencoder")  # the latent teacher's; the pixel teacher has none
+    if ae:
+        report["teacher"]["autoencoder"] = {"params": ae["params"], "steps": ae["step"],
+                                            "train_minutes": round(ae["elapsed"] / 60, 1), "config": ae["config"],
+                                            "curve": _curve(ae["history"])}
     for folder in students:
         out = onnx_outputs(folder / "model.onnx", data.images["test"][index])
         s_pred = out["probs"].argmax(1)
@@ -84,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     report = measure(args.teacher, args.test, args.calib, args.students, pbc.data_dir(args.data))
     pbc.atomic_write_json(args.out, report)
     t = report["test"]
-    print(f"latent teacher on PBC test: bal_acc {t['balanced_accuracy']:.4f} acc {t['accuracy']:.4f} "
+    print(f"teacher on PBC test: bal_acc {t['balanced_accuracy']:.4f} acc {t['accuracy']:.4f} "
           f"ece {t['ece']:.4f}; agreement {json.dumps(report['students'])}")
     return 0
 
