@@ -219,6 +219,27 @@ def label_split(teacher_path: Path, root: Path, split: str, out: Path, cfg: Scor
                        cfg, extra, chunk, log)
 
 
+def label_foreign(teacher_path: Path, cells_path: Path, out: Path, cfg: ScoreConfig, chunk: int = 32,
+                  threads: int = 2, log=print) -> Path:
+    """The teacher on txl-pbc's unlabelled white cells (engines.foreign cut): its posterior there is what a
+    student can be distilled towards on microscopes nobody labelled (``engines.distill train --foreign``)."""
+    from engines import foreign
+
+    torch.set_num_threads(threads)
+    model, state = load_teacher(teacher_path)
+    resolution = state["config"]["resolution"]
+    cells = foreign.load(cells_path)
+    log(f"labelling {len(cells['crops'])} foreign white cells, K={len(cfg.timesteps)}, "
+        f"prune after {cfg.prune_after} keep {cfg.keep}")
+    extra = {"source": cells["source"], "split": cells["split"], "frame": cells["frame"],
+             "classes": np.array(state["classes"]),
+             "config": json.dumps({"cells": str(cells_path), "teacher": str(teacher_path), "kind": "pixel",
+                                   "prune_after": cfg.prune_after, "keep": cfg.keep, "seed": cfg.seed,
+                                   "disc_radius": cfg.disc_radius, "threads": threads, "chunk": chunk})}
+    return label_crops(model, cells["crops"], lambda crops: to_diffusion_space(crops, resolution), out, cfg,
+                       extra, chunk, log)
+
+
 def load_labels(path: Path) -> dict:
     with np.load(path, allow_pickle=False) as f:
         return {k: f[k] for k in f.files}
@@ -283,10 +304,12 @@ def calibrate(val_path: Path, out: Path, primary: str = PRIMARY_ANOMALY, log=pri
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engines.teacher", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("label", help="score one split of the fixed split with the diffusion classifier")
+    p = sub.add_parser("label", help="score one split of the fixed split (or foreign cells) with the diffusion "
+                                     "classifier")
     p.add_argument("--teacher", type=Path, required=True)
     p.add_argument("--data", default=None)
-    p.add_argument("--split", choices=pbc.SPLITS, required=True)
+    p.add_argument("--split", choices=pbc.SPLITS, default=None, help="a split of the fixed PBC split, or:")
+    p.add_argument("--foreign", type=Path, default=None, help="txl-pbc white cells (python -m engines.foreign cut)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--per-class", type=int, default=0, help="first N cells per class of the split (0 = all)")
     p.add_argument("--all-of", action="append", default=[], choices=pbc.CLASSES,
@@ -307,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "calibrate":
         calibrate(args.val, args.out, args.primary)
         return 0
+    if (args.split is None) == (args.foreign is None):
+        parser.error("label: give exactly one of --split and --foreign")
     root = pbc.data_dir(args.data)
     if not (root / "manifest.csv").is_file():
         print(f"no PBC data at {root} (set --data or CYTOEDGE_PBC)", file=sys.stderr)
@@ -317,6 +342,13 @@ def main(argv: list[str] | None = None) -> int:
     cfg = ScoreConfig(timesteps=tuple(default_timesteps(k)), seed=args.seed,
                       prune_after=0 if args.no_prune else args.prune_after, keep=args.keep)
     assert max(cfg.timesteps) <= T_STEPS
+    if args.foreign is not None:
+        if not args.foreign.is_file():
+            print(f"no foreign cells file at {args.foreign} (python -m engines.foreign cut --out FILE)",
+                  file=sys.stderr)
+            return 2
+        label_foreign(args.teacher, args.foreign, args.out, cfg, threads=args.threads)
+        return 0
     label_split(args.teacher, root, args.split, args.out, cfg, per_class=per_class, threads=args.threads,
                 all_of=tuple(args.all_of))
     return 0

@@ -135,10 +135,25 @@ def test_smoke_chain_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
                          "--out", str(train), "--threads", "1", "--prune-after", "1", "--keep", "2"]) == 0
     calib = json.loads((tmp_path / "calib.json").read_text())
     assert calib["tau"] > 0 and set(calib["squash"]) >= {"lr_gap", "margin"}
+    # the teacher's posterior on other microscopes' unlabelled cells (here: four real PBC crops stand in)
+    samples = list(pbc.read_manifest(root))[:4]
+    crops = np.stack([pbc.load_crop_bgr(root / s.path, 64) for s in samples])
+    cells, far = tmp_path / "white64.npz", tmp_path / "teacher-foreign.npz"
+    np.savez(cells, crops=crops, source=np.array(["a", "a", "b", "b"]), split=np.array(["train"] * 4),
+             frame=np.arange(4))
+    assert teacher.main(["label", "--teacher", str(t_ckpt), "--foreign", str(cells), "--preset", "smoke",
+                         "--out", str(far), "--threads", "1"]) == 0
+    foreign_errors = teacher.load_labels(far)["errors"]
+    assert foreign_errors.shape[:2] == (4, 9) and np.isfinite(foreign_errors[:, -1]).all()
+    with pytest.raises(SystemExit):  # neither --split nor --foreign
+        teacher.main(["label", "--teacher", str(t_ckpt), "--out", str(far)])
     s_ckpt = tmp_path / "student.pt"
     assert distill.main(["train", "--preset", "smoke", "--labels", str(train), "--calib",
                          str(tmp_path / "calib.json"), "--out", str(s_ckpt), "--threads", "1",
                          "--augment", "strong-isolate"]) == 0  # the robust student's path (docs/robustness.md)
+    assert distill.main(["train", "--preset", "smoke", "--labels", str(train), "--calib", str(tmp_path / "calib.json"),
+                         "--out", str(tmp_path / "student-foreign.pt"), "--threads", "1", "--foreign", str(cells),
+                         str(far), "--foreign-weight", "1.0"]) == 0
     out = tmp_path / "student"
     assert distill.main(["export", "--student", str(s_ckpt), "--out", str(out)]) == 0
     # the pixel teacher measured like the student (the same command as the latent one's)
