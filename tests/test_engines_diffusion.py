@@ -135,6 +135,12 @@ def test_smoke_chain_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
                          "--out", str(train), "--threads", "1", "--prune-after", "1", "--keep", "2"]) == 0
     calib = json.loads((tmp_path / "calib.json").read_text())
     assert calib["tau"] > 0 and set(calib["squash"]) >= {"lr_gap", "margin"}
+    from engines.experiments import teacher_curve  # accuracy against steps, from checkpoint copies
+
+    assert teacher_curve.main(["--points", str(t_ckpt), str(tmp_path / "calib.json"),
+                               "--out", str(tmp_path / "curve.json")]) == 0
+    (row,) = json.loads((tmp_path / "curve.json").read_text())["points"]
+    assert row["step"] > 0 and row["val_accuracy"] == calib["val_accuracy"]
     # the teacher's posterior on other microscopes' unlabelled cells (here: four real PBC crops stand in)
     samples = list(pbc.read_manifest(root))[:4]
     crops = np.stack([pbc.load_crop_bgr(root / s.path, 64) for s in samples])
