@@ -31,3 +31,18 @@ def test_adaptation_and_teacher_figures_are_read_from_their_results() -> None:
     assert rows["PBC ≥ 0.97 after adapting to tecom"]["met"] is False
     assert rows["teacher PBC balanced accuracy ≥ 0.95"]["met"] is True
     assert rows["teacher–student agreement ≥ 97%"]["measured"] == 0.5
+
+
+def test_held_out_class_auroc_counts_only_above_the_cnns() -> None:
+    def row(teacher_auroc: float, cnn: float) -> dict:
+        anomaly = {"held_out": "erythroblast", "teacher_primary": "lr_gap", "teacher": {"lr_gap": teacher_auroc},
+                   "baseline": {"maxprob": cnn}}
+        card = _card(evaluation={"student": {}, "anomaly": anomaly})
+        return {r["goal"]: r for r in goals(card, None)}["held-out-class AUROC ≥ 0.95 and above the CNN's"]
+
+    assert row(0.97, 0.80)["met"] is True
+    assert row(0.97, 0.98)["met"] is False  # above 0.95 but not above the CNN
+    low = row(0.56, 0.78)
+    assert low["met"] is False and low["measured"] == 0.56 and "0.780" in low["note"]
+    without = {r["goal"]: r for r in goals(_card(), None)}["held-out-class AUROC ≥ 0.95 and above the CNN's"]
+    assert without["measured"] is None and without["met"] is None
