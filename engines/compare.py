@@ -473,6 +473,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timing-threads", type=int, default=1,
                         help="threads for every model's timing (1: fairest on a shared, oversubscribed CPU)")
     parser.add_argument("--command-file", type=Path, default=None, help="text file with the commands to cite")
+    parser.add_argument("--tried-file", type=Path, default=None,
+                        help="text file, one line per item: what was tried for this student (default: student-v1's)")
     parser.add_argument("--write", action="store_true", help="write card.json and card.md into --student")
     args = parser.parse_args(argv)
     if not (pbc.data_dir(args.data) / "manifest.csv").is_file():
@@ -543,6 +545,9 @@ def main(argv: list[str] | None = None) -> int:
                          f"(sha256 {file_sha256(args.anomaly_baseline)[:12]})")
         training["anomaly_models"] = "; ".join(parts)
     commands = args.command_file.read_text().strip().splitlines() if args.command_file else COMMANDS
+    tried = [t for t in args.tried_file.read_text().strip().splitlines() if t.strip()] if args.tried_file else TRIED
+    taught = (f"a teacher trained {training['teacher']['config'].get('minutes', '?')} minutes on a CPU"
+              if training["teacher"] else "a teacher trained for minutes on a CPU")
     card = {
         "format": "cytoedge-card/1", "summary": SUMMARY, "file": "model.onnx", "sha256": file_sha256(onnx_path),
         "model": {"name": meta.name, "version": meta.version, "kind": meta.kind, "classes": meta.classes,
@@ -555,10 +560,10 @@ def main(argv: list[str] | None = None) -> int:
         "scale": SCALE_NOTE,
         "split": pbc.split_summary(pbc.read_manifest(pbc.data_dir(args.data)),
                                    pbc.split_pbc(pbc.read_manifest(pbc.data_dir(args.data)))),
-        "training": training, "evaluation": report, "goals": report_goals, "tried": TRIED, "commands": commands,
+        "training": training, "evaluation": report, "goals": report_goals, "tried": tried, "commands": commands,
         "hardware": "shared 2-core CPU, no GPU",
         "limitations": [*evaluate.LIMITATIONS[:2], *evaluate.LIMITATIONS[3:],
-                        "The uncertainty/anomaly heads copy a teacher that was trained for minutes on a CPU; "
+                        f"The uncertainty/anomaly heads copy {taught}; "
                         "their AUROC for unseen cell types is measured for one held-out class only.",
                         "Domain shift: see the \"Other microscopes\" block "
                         "(python -m engines.evaluate DIR --ood-only --write)."],
