@@ -184,7 +184,7 @@ def test_baseline_basic_run_key_is_unchanged_and_robust_differs() -> None:
     basic = baseline.TrainConfig()
     # options added later, at their defaults
     later = ("augment", "context_radius", "norm", "input_norm", "style", "foreign_cells", "foreign_batch",
-             "foreign_exclude", "consistency", "consistency_threshold", "init", "resolution", "colour")
+             "foreign_exclude", "consistency", "consistency_threshold", "init", "resolution", "colour", "amplitude_mix")
     legacy = {k: v for k, v in asdict(basic).items() if k not in later}
     text = json.dumps({"cfg": legacy, "split": "x", "n": {"train": 3}}, sort_keys=True)
     assert baseline.run_key(basic, data) == hashlib.sha256(text.encode()).hexdigest()[:12]
