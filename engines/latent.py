@@ -384,10 +384,11 @@ def label_foreign(teacher_path: Path, cells_path: Path, out: Path, cfg, threads:
     torch.set_num_threads(threads)
     teacher, state = load_latent_teacher(teacher_path)
     cells = foreign.load(cells_path)
-    extra = {"source": cells["source"], "split": cells["split"], "frame": cells["frame"],
-             "classes": np.array(state["classes"]),
-             "config": json.dumps({"cells": str(cells_path), "teacher": str(teacher_path), "kind": "latent",
-                                   "prune_after": cfg.prune_after, "keep": cfg.keep, "seed": cfg.seed})}
+    from engines.teacher import foreign_extra
+
+    extra = foreign_extra(cells, state["classes"], {"cells": str(cells_path), "teacher": str(teacher_path),
+                                                    "kind": "latent", "prune_after": cfg.prune_after,
+                                                    "keep": cfg.keep, "seed": cfg.seed})
     return label_array(teacher, cells["crops"], out, cfg, extra, log=log)
 
 

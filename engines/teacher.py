@@ -219,6 +219,13 @@ def label_split(teacher_path: Path, root: Path, split: str, out: Path, cfg: Scor
                        cfg, extra, chunk, log)
 
 
+def foreign_extra(cells: dict, classes: list[str], config: dict) -> dict:
+    """What a foreign-cell label file keeps beside the errors: each cell's microscope, split and frame
+    (engines.distill learns only from train-frame cells), the teacher's classes and how the file was made."""
+    return {"source": cells["source"], "split": cells["split"], "frame": cells["frame"],
+            "classes": np.array(classes), "config": json.dumps(config)}
+
+
 def label_foreign(teacher_path: Path, cells_path: Path, out: Path, cfg: ScoreConfig, chunk: int = 32,
                   threads: int = 2, log=print) -> Path:
     """The teacher on txl-pbc's unlabelled white cells (engines.foreign cut): its posterior there is what a
@@ -231,11 +238,9 @@ def label_foreign(teacher_path: Path, cells_path: Path, out: Path, cfg: ScoreCon
     cells = foreign.load(cells_path)
     log(f"labelling {len(cells['crops'])} foreign white cells, K={len(cfg.timesteps)}, "
         f"prune after {cfg.prune_after} keep {cfg.keep}")
-    extra = {"source": cells["source"], "split": cells["split"], "frame": cells["frame"],
-             "classes": np.array(state["classes"]),
-             "config": json.dumps({"cells": str(cells_path), "teacher": str(teacher_path), "kind": "pixel",
-                                   "prune_after": cfg.prune_after, "keep": cfg.keep, "seed": cfg.seed,
-                                   "disc_radius": cfg.disc_radius, "threads": threads, "chunk": chunk})}
+    extra = foreign_extra(cells, state["classes"], {
+        "cells": str(cells_path), "teacher": str(teacher_path), "kind": "pixel", "prune_after": cfg.prune_after,
+        "keep": cfg.keep, "seed": cfg.seed, "disc_radius": cfg.disc_radius, "threads": threads, "chunk": chunk})
     return label_crops(model, cells["crops"], lambda crops: to_diffusion_space(crops, resolution), out, cfg,
                        extra, chunk, log)
 
