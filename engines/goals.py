@@ -107,9 +107,9 @@ TRIED = [
     "Greyscale input (luminance only, in the graph), 3 seeds at 3,200 crops × 10 epochs: tecom 0.08 with the basic "
     "recipe (colour: 0.28) and 0.32 with the augmentation (colour: 0.35); the foreign microscopes break more than "
     "colour.",
-    "Fourier amplitude mixing (FACT) with other microscopes' unlabelled white cells as donors: 3 seeds at 3,200 "
-    "crops × 10 epochs and one at 7,210 × 20: tecom +3–4 points, cellavision-blog −4, PBC −1–2; no gain "
-    "(docs/robustness.md).",
+    "Fourier amplitude mixing (FACT) with other microscopes' unlabelled white cells as donors, 3 seeds at 3,200 "
+    "crops × 10 epochs and at 7,210 × 20: tecom +3 and +5 points (0.37 at the larger budget), cellavision-blog −4 "
+    "and ±0, PBC −1–2: a small gain that held with training, far from the goal (docs/robustness.md).",
     "Input resolution (detail limited to 32 or 16 px across the field, in the graph), from scratch and from "
     "converged weights, 3 seeds: 1–11 points worse on tecom, no better on cellavision-blog.",
     "Plasma-relative input normalisation (optical density against each crop's own plasma, in the graph): invariant to "
