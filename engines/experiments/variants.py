@@ -41,7 +41,7 @@ MEASURED = ("bn+basic", "gn+basic", "bn+strong", "gn+strong", "ln+basic", "ln+st
             "bn+basic+plasma", "bn+strong+plasma", "bn+basic+ratio", "bn+strong+ratio",
             "bn+basic+mix", "bn+strong+mix", "bn+basic+xmix", "bn+strong+xmix", "bn+basic+xfix", "bn+strong+xfix",
             "bn+basic+res32", "bn+strong+res32", "bn+strong+res16", "gn+strong+res32", "ln+strong+res32",
-            "bn+basic+grey", "bn+strong+grey", "bn+basic+amp", "bn+strong+amp", "gn+strong+amp")
+            "bn+basic+grey", "bn+strong+grey", "bn+strong+amp")
 
 
 def parts(name: str) -> list[Part]:
