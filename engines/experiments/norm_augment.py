@@ -53,11 +53,7 @@ from calibration.temperature import fit_temperature
 from engines import evaluate, export, foreign, pbc
 from engines.baseline import FIELD_UM, INPUT_SIZE, WEIGHTS_FILE, TrainConfig, save_weights, train
 from engines.experiments.levers import inputs, row
-from engines.experiments.variants import overrides
-
-# What each variant's report block records (the TrainConfig fields a lever may change).
-RECORDED_FIELDS = ("norm", "augment", "input_norm", "style", "consistency", "resolution", "colour",
-                   "amplitude_mix")
+from engines.experiments.variants import FIELDS, overrides
 
 
 def variant_name(text: str) -> str:
@@ -157,7 +153,7 @@ def lever_config(name: str, seed: int, epochs: int, per_class: int, cells: Path)
 def recorded(name: str) -> dict:
     """A variant's settings as its result file records them (every lever field, defaults included)."""
     cfg = replace(TrainConfig(), **overrides(name))
-    return {f: getattr(cfg, f) for f in RECORDED_FIELDS}
+    return {f: getattr(cfg, f) for f in FIELDS}
 
 
 def fit_and_export(root: Path, cfg: TrainConfig, full, folder: Path, name: str, checkpoints: Path) -> Path:

@@ -36,6 +36,8 @@ LEVERS = {
     # Fourier amplitude mixing with other microscopes' white cells as donors (engines.amplitude_mix)
     "amp": Part("amplitude mixing, foreign donors", {"amplitude_mix": 1.0}),
 }
+# Every TrainConfig field a variant name can set (what a result file's variants block records).
+FIELDS = tuple(dict.fromkeys(k for table in (NORMS, AUGMENTS, LEVERS) for part in table.values() for k in part.fields))
 # The variants run so far (the result files under engines/experiments/results name them; a test checks).
 MEASURED = ("bn+basic", "gn+basic", "bn+strong", "gn+strong", "ln+basic", "ln+strong",
             "bn+basic+plasma", "bn+strong+plasma", "bn+basic+ratio", "bn+strong+ratio",
