@@ -289,6 +289,11 @@ class TrainConfig:
     # "": from scratch; else the weights to start from (a weights.pt beside a shipped model, or a checkpoint)
     init: str = ""
 
+    @property
+    def uses_foreign_cells(self) -> bool:
+        """Style mixing with foreign donors, consistency or amplitude mixing: the run needs foreign_cells."""
+        return self.style == "foreign" or self.consistency > 0 or self.amplitude_mix > 0
+
 
 @dataclass
 class PreparedData:
@@ -392,7 +397,7 @@ def network_state(path: str | Path) -> dict:
 def foreign_pool(cfg: TrainConfig) -> np.ndarray | None:
     """Other microscopes' unlabelled white cells, for style mixing, consistency or amplitude mixing (train
     frames only, minus the excluded sources); None when the run uses none of them."""
-    if cfg.style != "foreign" and not cfg.consistency and not cfg.amplitude_mix:
+    if not cfg.uses_foreign_cells:
         return None
     if not cfg.foreign_cells:
         raise ValueError("foreign style mixing, consistency or amplitude mixing needs foreign_cells "

@@ -19,6 +19,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from engines import pbc
@@ -55,11 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         if key in report["runs"]:
             continue
         began = time.time()
-        overrides = VARIANTS[name]
-        uses_cells = overrides.get("style") == "foreign" or overrides.get("consistency")
         cfg = TrainConfig(epochs=args.epochs, lr=args.lr, augment=args.augment, init=args.init, seed=args.seed,
-                          threads=1, per_class_limit=args.per_class,
-                          foreign_cells=str(args.cells) if uses_cells else "", **overrides)
+                          threads=1, per_class_limit=args.per_class, **VARIANTS[name])
+        cfg = replace(cfg, foreign_cells=str(args.cells) if cfg.uses_foreign_cells else "")
         folder = args.work / f"{name}-seed{args.seed}"
         fit_and_export(root, cfg, full, folder, f"finetune-{name}", args.work / "checkpoints")
         result = row(folder, full, cells, domains)

@@ -146,8 +146,7 @@ def main(argv: list[str] | None = None) -> int:
 def lever_config(name: str, seed: int, epochs: int, per_class: int, cells: Path) -> TrainConfig:
     """The TrainConfig of one lever run (one thread; foreign cells only where the lever uses them)."""
     cfg = replace(TrainConfig(epochs=epochs, per_class_limit=per_class, seed=seed, threads=1), **overrides(name))
-    uses_foreign = cfg.style == "foreign" or cfg.consistency > 0 or cfg.amplitude_mix > 0
-    return replace(cfg, foreign_cells=str(cells) if uses_foreign else "")
+    return replace(cfg, foreign_cells=str(cells) if cfg.uses_foreign_cells else "")
 
 
 def recorded(name: str) -> dict:
