@@ -56,8 +56,15 @@ class AdaptConfig:
     batch_size: int = 32
     replay: bool = False  # mix PBC training crops into every fine-tuning batch (keeps PBC accuracy)
     mixed_batchnorm: bool = False  # batch-norm statistics over site and PBC replay crops together
+    # Learning without forgetting on the replay crops: KL from the starting model's posterior (taken with
+    # its own, PBC, batch-norm statistics) to the site model's, weighted by this; 0 = plain replay labels.
+    replay_distill: float = 0.0
     seed: int = 0
     threads: int = 1
+
+    def __post_init__(self) -> None:
+        if self.replay_distill and not self.replay:
+            raise ValueError("replay_distill needs replay=True: the posterior is kept on the PBC replay crops")
 
     @property
     def uses_unlabelled_training(self) -> bool:
@@ -131,9 +138,12 @@ def balanced_order(labels: np.ndarray, steps: int, batch: int, rng: np.random.Ge
 
 
 def fine_tune(model: BaselineCNN, crops_bgr: np.ndarray, labels: np.ndarray, meta: ModelMetadata,
-              cfg: AdaptConfig, replay: tuple[np.ndarray, np.ndarray] | None = None, log=print) -> None:
+              cfg: AdaptConfig, replay: tuple[np.ndarray, np.ndarray] | None = None, log=print,
+              anchor: nn.Module | None = None) -> None:
     """Fine-tune on labelled site cells; BatchNorm statistics stay frozen (they came from many more
-    unlabelled cells than there are labels). L2-SP keeps the weights near where they started."""
+    unlabelled cells than there are labels). L2-SP keeps the weights near where they started; with
+    ``anchor`` (the starting model before batch-norm re-estimation) and ``cfg.replay_distill``, the replay
+    crops must also keep the posterior the starting model gave them, not only its labels."""
     if cfg.layers == "none" or len(labels) == 0:
         return
     torch.manual_seed(cfg.seed)
@@ -160,7 +170,14 @@ def fine_tune(model: BaselineCNN, crops_bgr: np.ndarray, labels: np.ndarray, met
     for step, idx in enumerate(order):
         x = augment(to_tensor(crops_bgr[idx]), gen)
         x = normalise(x, meta.mean, meta.std)
-        loss = F.cross_entropy(class_logits(model, x), y_all[idx])
+        logits = class_logits(model, x)
+        loss = F.cross_entropy(logits, y_all[idx])
+        if anchor is not None and cfg.replay_distill and replay_order is not None:
+            kept = slice(order.shape[1] - replay_order.shape[1], None)  # the replay half of the batch
+            with torch.no_grad():
+                target = class_logits(anchor, x[kept]).log_softmax(1)
+            loss = loss + cfg.replay_distill * F.kl_div(logits[kept].log_softmax(1), target, log_target=True,
+                                                        reduction="batchmean")
         if cfg.l2sp:
             loss = loss + cfg.l2sp * sum(((p - s) ** 2).sum() for p, s in zip(params, start, strict=True))
         optimiser.zero_grad(set_to_none=True)
@@ -178,6 +195,7 @@ def adapt_model(model: BaselineCNN, meta: ModelMetadata, unlabelled_bgr: np.ndar
                 log=print) -> BaselineCNN:
     """BatchNorm re-estimation on every site crop (labelled ones too), then fine-tuning on the labels."""
     torch.set_num_threads(cfg.threads)
+    anchor = copy.deepcopy(model).eval() if cfg.replay and cfg.replay_distill and replay is not None else None
     if cfg.batchnorm:
         parts = [unlabelled_bgr, labelled_bgr]
         if cfg.mixed_batchnorm and replay is not None:
@@ -187,7 +205,7 @@ def adapt_model(model: BaselineCNN, meta: ModelMetadata, unlabelled_bgr: np.ndar
             raise ValueError(f"batch-norm re-estimation needs at least 16 site crops, got {len(pool)}")
         reestimate_batchnorm(model, pool, meta)
         log(f"re-estimated batch-norm statistics on {len(pool)} site crops")
-    fine_tune(model, labelled_bgr, labels, meta, cfg, replay if cfg.replay else None, log)
+    fine_tune(model, labelled_bgr, labels, meta, cfg, replay if cfg.replay else None, log, anchor)
     return model
 
 
@@ -236,13 +254,24 @@ def draw_labelled(pool: np.ndarray, n: int, rng: np.random.Generator) -> np.ndar
     return rng.choice(pool, size=min(n, len(pool)), replace=False) if n else np.zeros(0, np.int64)
 
 
-# What the card's adaptation block measures: no adaptation, batch norm only (no labels), and what
-# `cytoedge adapt` does by default (edge/commands/adapt.py, DEFAULT_METHOD).
+# What the card's adaptation block measures: no adaptation, batch norm only (no labels), the earlier
+# default, and what `cytoedge adapt` does now (DEFAULT_METHOD with reviewed cells, LABEL_FREE_METHOD without).
 METHODS: dict[str, AdaptConfig] = {
     "none": AdaptConfig(batchnorm=False, layers="none"),
     "bn": AdaptConfig(batchnorm=True, layers="none"),
     "bn+all+replay": AdaptConfig(batchnorm=True, layers="all", replay=True),
+    # PBC's batch-norm statistics kept, a slower rate for longer, and the replay crops keep the starting
+    # model's posterior: PBC stays near its own accuracy (docs/robustness.md, "Keeping PBC while adapting").
+    "all+lwf": AdaptConfig(batchnorm=False, layers="all", replay=True, replay_distill=1.0, lr=3e-4, epochs=100),
 }
+DEFAULT_METHOD = "all+lwf"  # with reviewed cells
+LABEL_FREE_METHOD = "bn"  # only unlabelled crops: batch-norm re-estimation is all there is to do
+
+
+def method_for(n_labels: int) -> AdaptConfig:
+    """What ``cytoedge adapt`` does with this many reviewed cells: the default fine-tuning when there are
+    any, batch-norm re-estimation on the frames' cells when there are none (nothing else can be learnt)."""
+    return METHODS[DEFAULT_METHOD if n_labels else LABEL_FREE_METHOD]
 CURVE_SHOTS = (0, 20, 50, 100)
 
 AdaptStep = Callable[..., BaselineCNN]
@@ -285,7 +314,7 @@ def replay_set(pbc_root: Path, classes: list[str], per_class: int, size: int, se
 
 
 def adaptation_curve(model_onnx: Path, shots: tuple[int, ...], seeds: int, methods: dict[str, AdaptConfig],
-                     out: Path | None, epochs: int, log=print, domains: tuple[str, ...] | None = None,
+                     out: Path | None, epochs: int | None = None, log=print, domains: tuple[str, ...] | None = None,
                      adapt_step: AdaptStep = adapt_model, site_view: SiteView | None = None) -> dict:
     """For each wbc-shift domain: half the cells are a fixed test set, the other half the site's pool
     (all of it unlabelled for batch norm; n of it labelled). Balanced accuracy over the classes present,
@@ -293,6 +322,7 @@ def adaptation_curve(model_onnx: Path, shots: tuple[int, ...], seeds: int, metho
     is measured on the pool's unlabelled cells (those the method adapted on, transductively): the figure
     to choose between methods by, so that the test half is never used to choose.
 
+    ``epochs`` overrides every method's own fine-tuning epochs (None: each keeps its own).
     ``adapt_step`` and ``site_view`` (crops as a method sees them, e.g. colour-matched) let experiments
     measure other methods with exactly this protocol."""
     from engines import evaluate, ood, pbc
@@ -301,8 +331,10 @@ def adaptation_curve(model_onnx: Path, shots: tuple[int, ...], seeds: int, metho
     site_cells, scales = ood.domain_crops(meta.classes, meta.field_um, meta.input_size, domains or ood.DOMAINS)
     pbc_root = pbc.data_dir(None)
     _, pbc_images, pbc_labels = evaluate.test_split(Path(model_onnx).parent, pbc_root)
+    _, val_images, val_labels = evaluate.pbc_split(Path(model_onnx).parent, pbc_root, "val")
     replay = replay_set(pbc_root, meta.classes, 50, meta.input_size)
     report: dict = {"model": Path(model_onnx).parent.name + "/" + Path(model_onnx).name,
+                    "default_method": DEFAULT_METHOD,
                     "scales": {d: s["um_per_px"] for d, s in scales.items()},
                     "epochs": epochs, "seeds": seeds, "methods": {m: asdict(c) for m, c in methods.items()},
                     "threads": torch.get_num_threads(), "domains": {}}
@@ -325,7 +357,7 @@ def adaptation_curve(model_onnx: Path, shots: tuple[int, ...], seeds: int, metho
                     rng = np.random.default_rng([seed, n])
                     chosen_idx = draw_labelled(pool, n, rng)
                     model = copy.deepcopy(base)
-                    cfg = dataclasses.replace(method_cfg, seed=seed, epochs=epochs)
+                    cfg = dataclasses.replace(method_cfg, seed=seed, epochs=epochs or method_cfg.epochs)
                     adapt_step(model, meta, site_crops[pool], site_crops[chosen_idx], labels[chosen_idx], cfg,
                                replay, log=lambda *_: None)
                     seconds = time.time() - began
@@ -339,19 +371,26 @@ def adaptation_curve(model_onnx: Path, shots: tuple[int, ...], seeds: int, metho
                                                                         meta.classes)["balanced_accuracy"]
                     pbc_probs = predict_probs(model, pbc_images, meta)
                     pbc_metrics = evaluate.classification_metrics(pbc_probs.argmax(1), pbc_labels, meta.classes)
+                    val_probs = predict_probs(model, val_images, meta)
+                    val_metrics = evaluate.classification_metrics(val_probs.argmax(1), val_labels, meta.classes)
                     runs.append({"seed": seed, "balanced_accuracy": site["balanced_accuracy"],
                                  "ece": evaluate.expected_calibration_error(probs, labels[test]),
                                  "pool_balanced_accuracy": pool_accuracy,
                                  "pbc_balanced_accuracy": pbc_metrics["balanced_accuracy"],
+                                 "pbc_val_balanced_accuracy": val_metrics["balanced_accuracy"],
                                  "predicted_share": _shares(probs.argmax(1), len(meta.classes)),
+                                 "confusion": site["confusion"],
                                  "seconds": seconds})
                 summary = {k: _mean_sd([r[k] for r in runs]) for k in ("balanced_accuracy", "ece",
-                           "pool_balanced_accuracy", "pbc_balanced_accuracy", "seconds")}
+                           "pool_balanced_accuracy", "pbc_balanced_accuracy", "pbc_val_balanced_accuracy",
+                           "seconds")}
                 rows["results"].append({"n_labels": n, "method": method, "runs": runs, "mean_sd": summary})
                 log(f"{domain} n={n:3d} {method:8s} bal_acc {summary['balanced_accuracy'][0]:.3f}"
                     f"±{summary['balanced_accuracy'][1]:.3f} ece {summary['ece'][0]:.3f} "
                     f"pool {summary['pool_balanced_accuracy'][0] or float('nan'):.3f} "
-                    f"pbc {summary['pbc_balanced_accuracy'][0]:.3f} ({summary['seconds'][0]:.0f}s/run)")
+                    f"pbc val {summary['pbc_val_balanced_accuracy'][0]:.3f} "
+                    f"test {summary['pbc_balanced_accuracy'][0]:.3f}"
+                    f" ({summary['seconds'][0]:.0f}s/run)")
                 if out:
                     pbc.atomic_write_json(out, report)
     return report
@@ -364,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("model", type=Path, help="model.onnx with weights.pt beside it")
     p.add_argument("--shots", type=int, nargs="+", default=list(CURVE_SHOTS))
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--epochs", type=int, default=AdaptConfig.epochs)
+    p.add_argument("--epochs", type=int, default=None,
+                   help="fine-tuning epochs for every method (default: each method's own)")
     p.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=list(METHODS))
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--threads", type=int, default=1)

@@ -355,12 +355,18 @@ def write_card(out: Path, onnx_path: Path, report: dict, training: dict, split_s
 # ---------------------------------------------------------------------------------------------- CLI
 def test_split(model_dir: Path, data: Path | None) -> tuple[Path, np.ndarray, np.ndarray]:
     """The shared test split restricted to the model's classes, decoded exactly as at runtime."""
+    return pbc_split(model_dir, data, "test")
+
+
+def pbc_split(model_dir: Path, data: Path | None, which: str) -> tuple[Path, np.ndarray, np.ndarray]:
+    """One shared PBC split ("train", "val" or "test") restricted to the model's classes, decoded as at
+    runtime (the validation split is what experiments choose by; the test split only reports)."""
     onnx_path = Path(model_dir) / "model.onnx"
     _, meta = open_session(onnx_path)
     root = pbc.data_dir(data)
     samples = pbc.read_manifest(root)
     split = pbc.split_pbc(samples, pbc.SPLIT_SEED)
-    chosen = [s for s in samples if split[s.path] == "test" and s.label in meta.classes]
+    chosen = [s for s in samples if split[s.path] == which and s.label in meta.classes]
     images = pbc.load_images(root, chosen, meta.input_size)
     labels = np.array([meta.classes.index(s.label) for s in chosen], np.int64)
     return onnx_path, images, labels
@@ -390,7 +396,7 @@ def out_of_domain(model_dir: Path, onnx_path: Path, data: str | None, adapt: boo
 
             torch.set_num_threads(threads)
             adaptation = adapting.adaptation_curve(onnx_path, adapting.CURVE_SHOTS, seeds, adapting.METHODS,
-                                                   out=None, epochs=adapting.AdaptConfig.epochs)
+                                                   out=None)
     teacher_file = model_dir / "teacher-ood.json"
     teacher_report = json.loads(teacher_file.read_text()) if teacher_file.is_file() else None
     if write:

@@ -25,7 +25,9 @@ LABELS = 50
 
 def _adapted(card: dict, domain: str) -> dict | None:
     rows = card.get("adaptation", {}).get("domains", {}).get(domain, {}).get("results", [])
-    row = next((r for r in rows if r["n_labels"] == LABELS and r["method"] == "bn+all+replay"), None)
+    # The method `cytoedge adapt` used when the card was measured (cards before it was recorded: bn+all+replay).
+    method = card.get("adaptation", {}).get("default_method", "bn+all+replay")
+    row = next((r for r in rows if r["n_labels"] == LABELS and r["method"] == method), None)
     return row["mean_sd"] if row else None
 
 

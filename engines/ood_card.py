@@ -69,7 +69,9 @@ def _adaptation_rows(adaptation: dict) -> list[str]:
         for result in block["results"]:
             summary = result["mean_sd"]
             mean, sd = summary["balanced_accuracy"]
-            rows.append(f"| {domain} | {result['n_labels']} | {result['method']} | {100 * mean:.1f} ± {100 * sd:.1f}% "
+            method = result["method"] + (" (`cytoedge adapt`)" if result["method"] == adaptation.get("default_method")
+                                         else "")
+            rows.append(f"| {domain} | {result['n_labels']} | {method} | {100 * mean:.1f} ± {100 * sd:.1f}% "
                         f"| {summary['ece'][0]:.3f} | {_pct(summary['pbc_balanced_accuracy'][0])} |")
     return rows
 
@@ -141,9 +143,11 @@ def render_section(ood: dict, adaptation: dict | None, teacher: dict | None = No
         lines += _teacher_rows(teacher)
     if adaptation:
         lines += ["", "### Adapting to a site (`cytoedge adapt`)", "",
-                  f"Each domain split once into a fixed test half and a pool half; n cells of the pool labelled as a "
-                  f"reviewer meets them, the whole pool unlabelled; {adaptation['epochs']} fine-tuning epochs; "
-                  f"{adaptation['seeds']} seeds (`python -m engines.evaluate --adapt`, method definitions in "
+                  "Each domain split once into a fixed test half and a pool half; n cells of the pool labelled as a "
+                  "reviewer meets them, the whole pool unlabelled; "
+                  + (f"{adaptation['epochs']} fine-tuning epochs; " if adaptation.get("epochs")
+                     else "each method's own fine-tuning epochs; ")
+                  + f"{adaptation['seeds']} seeds (`python -m engines.evaluate --adapt`, method definitions in "
                   "engines/adapt.py). Test halves: "
                   + ", ".join(f"{d} n={b['n_test']} (pool {b['n_pool']})" for d, b in adaptation["domains"].items())
                   + "; balanced accuracy over the classes present in the half, so the 'none' rows differ from the "

@@ -200,7 +200,8 @@ def render_card(card: dict) -> str:
         "## Method",
         f"- Batch-norm statistics re-estimated on the site's crops: {method['batchnorm']}; fine-tuned layers: "
         f"{method['layers']}; {method['epochs']} epochs, lr {method['lr']}, L2-SP {method['l2sp']}, PBC replay "
-        f"{method['replay']}, seed {method['seed']}. Rationale and measurements: docs/robustness.md (Adaptation).",
+        f"{method['replay']} (its starting posterior kept with weight {method.get('replay_distill', 0.0)}), seed "
+        f"{method['seed']}. Rationale and measurements: docs/robustness.md (Adaptation).",
         "",
         "## Measured on this site's labelled cells",
     ]

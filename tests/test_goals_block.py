@@ -33,6 +33,18 @@ def test_adaptation_and_teacher_figures_are_read_from_their_results() -> None:
     assert rows["teacher–student agreement ≥ 97%"]["measured"] == 0.5
 
 
+def test_adaptation_goal_reads_the_method_the_card_says_cytoedge_adapt_used() -> None:
+    def result(method: str, accuracy: float) -> dict:
+        return {"n_labels": 50, "method": method,
+                "mean_sd": {"balanced_accuracy": [accuracy, 0.0], "pbc_balanced_accuracy": [0.9, 0.0]}}
+    rows = [result("bn+all+replay", 0.5), result("all+lwf", 0.95)]
+    adaptation = {"default_method": "all+lwf", "domains": {"tecom": {"results": rows}}}
+    goal = "tecom ≥ 0.92 with 50 site labels (cytoedge adapt)"
+    assert {r["goal"]: r for r in goals(_card(adaptation=adaptation), None)}[goal]["measured"] == 0.95
+    del adaptation["default_method"]  # a card measured before the method was recorded
+    assert {r["goal"]: r for r in goals(_card(adaptation=adaptation), None)}[goal]["measured"] == 0.5
+
+
 def test_held_out_class_auroc_counts_only_above_the_cnns() -> None:
     def row(teacher_auroc: float, cnn: float) -> dict:
         anomaly = {"held_out": "erythroblast", "teacher_primary": "lr_gap", "teacher": {"lr_gap": teacher_auroc},

@@ -6,9 +6,6 @@ import argparse
 import dataclasses
 import sys
 
-# Chosen from the measurements in docs/robustness.md ("Adaptation"); recorded in the site model's card.
-DEFAULT_METHOD = "bn+all+replay"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reviews", action="append", default=[], metavar="DIR",
@@ -20,7 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="model to adapt (default: the configured one)")
     parser.add_argument("--store", default=None, help="model store to add the site model to (default: from config)")
     parser.add_argument("--name", default=None, help="site model name (default: site-YYYYmmdd-HHMMSS)")
-    parser.add_argument("--epochs", type=int, default=30, help="fine-tuning epochs over the labelled cells")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="fine-tuning epochs over the labelled cells (default: the method's own, 100)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--folds", type=int, default=5,
                         help="cross-validation folds for the card's site-versus-base figures (0 = skip, faster)")
@@ -51,7 +49,7 @@ def main(args: argparse.Namespace) -> int:
     from edge.sitedata import crops_from_frames, read_reviews
 
     try:
-        from engines.adapt import METHODS
+        from engines.adapt import method_for
         from engines.site_model import build_site_model
     except ImportError as exc:
         raise CytoedgeError(f"cytoedge adapt needs the training extra ({exc.name} is missing): "
@@ -86,7 +84,9 @@ def main(args: argparse.Namespace) -> int:
     provenance = {"sessions": reviewed.sessions, "frames": unlabelled.frames, "reviews": list(args.reviews),
                   "frame_sources": list(args.frames), "um_per_px": config["microscope"]["um_per_px"],
                   "skipped": dict(reviewed.skipped + unlabelled.skipped)}
-    settings = dataclasses.replace(METHODS[DEFAULT_METHOD], epochs=args.epochs, seed=args.seed, threads=args.threads)
+    # The method is chosen in engines.adapt from docs/robustness.md's measurements; the card records it.
+    method = method_for(len(reviewed.labels))
+    settings = dataclasses.replace(method, epochs=args.epochs or method.epochs, seed=args.seed, threads=args.threads)
     store.root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".adapt-", dir=store.root) as temp:
         try:

@@ -16,7 +16,7 @@ import argparse
 import dataclasses
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,7 @@ import torch
 
 from edge.modelmeta import ModelMetadata
 from engines.adapt import CURVE_SHOTS, AdaptConfig, adapt_model, adaptation_curve
+from engines.adapt import METHODS as PRODUCT_METHODS
 from engines.baseline import BaselineCNN
 from engines.experiments import colourmatch
 
@@ -73,6 +74,21 @@ METHODS: dict[str, MethodConfig] = {
     "bn+shot+all+replay": MethodConfig(batchnorm=True, layers="all", unsupervised="im", im_params="features",
                                        replay=True),
     "colour+bn+all+replay": MethodConfig(batchnorm=True, layers="all", replay=True, colour_match=True),
+    # Learning without forgetting: the replay crops also keep the starting model's posterior (issue 15's
+    # "PBC still >= 0.97 after adapting"). The product's is "all+lwf" (lr 3e-4, 100 epochs); these vary it.
+    "all+lwf": MethodConfig(**asdict(PRODUCT_METHODS["all+lwf"])),
+    "all+lwf+e30": MethodConfig(batchnorm=False, layers="all", replay=True, replay_distill=1.0, lr=3e-4),
+    "all+lwf+lr1e-3": MethodConfig(batchnorm=False, layers="all", replay=True, replay_distill=1.0),
+    "all+lwf+lr1e-3+e100": MethodConfig(batchnorm=False, layers="all", replay=True, replay_distill=1.0, epochs=100),
+    "bn+all+lwf+lr1e-3": MethodConfig(batchnorm=True, layers="all", replay=True, replay_distill=1.0),
+    "mixbn+all+lwf+lr1e-3": MethodConfig(batchnorm=True, layers="all", replay=True, mixed_batchnorm=True,
+                                         replay_distill=1.0),
+    "bn+all+lwf": MethodConfig(batchnorm=True, layers="all", replay=True, replay_distill=1.0, lr=3e-4, epochs=100),
+    "bn+all+lwf3": MethodConfig(batchnorm=True, layers="all", replay=True, replay_distill=3.0, lr=3e-4, epochs=100),
+    "bn+all+lwf10": MethodConfig(batchnorm=True, layers="all", replay=True, replay_distill=10.0, lr=3e-4,
+                                 epochs=100),
+    "all+lwf3": MethodConfig(batchnorm=False, layers="all", replay=True, replay_distill=3.0, lr=3e-4, epochs=100),
+    "all+replay+slow": MethodConfig(batchnorm=False, layers="all", replay=True, lr=3e-4, epochs=100),
 }
 
 
@@ -116,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model", type=Path, help="model.onnx with weights.pt beside it")
     parser.add_argument("--shots", type=int, nargs="+", default=list(CURVE_SHOTS))
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=AdaptConfig.epochs)
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="fine-tuning epochs for every method (default: each method's own)")
     parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=list(METHODS))
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=1)
