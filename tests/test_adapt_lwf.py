@@ -65,5 +65,5 @@ def test_replay_distillation_without_replay_is_refused() -> None:
 
 def test_cytoedge_adapt_fine_tunes_with_reviewed_cells_and_only_re_estimates_batch_norm_without() -> None:
     with_labels, without = method_for(50), method_for(0)
-    assert with_labels == METHODS["all+lwf"] and with_labels.layers == "all" and with_labels.replay_distill > 0
+    assert with_labels == METHODS["bn+all+lwf"] and with_labels.layers == "all" and with_labels.replay_distill > 0
     assert without.batchnorm and without.layers == "none"

@@ -13,6 +13,7 @@ docs/robustness.md ("Adaptation"). None of these beat batch-norm re-estimation r
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import sys
@@ -34,7 +35,8 @@ class MethodConfig(AdaptConfig):
     """The product's settings plus what the experiment methods need."""
 
     # Training on the site's unlabelled crops after batch-norm re-estimation (selftrain.py):
-    # "none" | "im" (information maximisation, SHOT-IM / TENT) | "selftrain" (class-balanced pseudo-labels).
+    # "none" | "im" (information maximisation, SHOT-IM / TENT) | "selftrain" (class-balanced pseudo-labels)
+    # | "selftrain-after" (the labelled fine-tuning first, then pseudo-labels from the adapted model).
     unsupervised: str = "none"
     im_params: str = "bn"  # "bn": BatchNorm affine weights only (TENT) | "features": all but the head (SHOT)
     im_epochs: int = 15  # epochs over the site's crops (SHOT's default)
@@ -75,20 +77,26 @@ METHODS: dict[str, MethodConfig] = {
                                        replay=True),
     "colour+bn+all+replay": MethodConfig(batchnorm=True, layers="all", replay=True, colour_match=True),
     # Learning without forgetting: the replay crops also keep the starting model's posterior (issue 15's
-    # "PBC still >= 0.97 after adapting"). The product's is "all+lwf" (lr 3e-4, 100 epochs); these vary it.
-    "all+lwf": MethodConfig(**asdict(PRODUCT_METHODS["all+lwf"])),
-    "all+lwf+e30": MethodConfig(batchnorm=False, layers="all", replay=True, replay_distill=1.0, lr=3e-4),
-    "all+lwf+lr1e-3": MethodConfig(batchnorm=False, layers="all", replay=True, replay_distill=1.0),
-    "all+lwf+lr1e-3+e100": MethodConfig(batchnorm=False, layers="all", replay=True, replay_distill=1.0, epochs=100),
-    "bn+all+lwf+lr1e-3": MethodConfig(batchnorm=True, layers="all", replay=True, replay_distill=1.0),
-    "mixbn+all+lwf+lr1e-3": MethodConfig(batchnorm=True, layers="all", replay=True, mixed_batchnorm=True,
-                                         replay_distill=1.0),
-    "bn+all+lwf": MethodConfig(batchnorm=True, layers="all", replay=True, replay_distill=1.0, lr=3e-4, epochs=100),
-    "bn+all+lwf3": MethodConfig(batchnorm=True, layers="all", replay=True, replay_distill=3.0, lr=3e-4, epochs=100),
+    # "PBC still >= 0.97 after adapting"). The product's is "bn+all+lwf" (weight 3, lr 3e-4, 100 epochs);
+    # these vary the weight (lwf1, lwf10), batch norm (all+: PBC's statistics kept), rate and epochs.
+    "bn+all+lwf": MethodConfig(**asdict(PRODUCT_METHODS["bn+all+lwf"])),
+    "bn+all+lwf1": MethodConfig(batchnorm=True, layers="all", replay=True, replay_distill=1.0, lr=3e-4, epochs=100),
     "bn+all+lwf10": MethodConfig(batchnorm=True, layers="all", replay=True, replay_distill=10.0, lr=3e-4,
                                  epochs=100),
     "all+lwf3": MethodConfig(batchnorm=False, layers="all", replay=True, replay_distill=3.0, lr=3e-4, epochs=100),
+    "all+lwf1": MethodConfig(batchnorm=False, layers="all", replay=True, replay_distill=1.0, lr=3e-4, epochs=100),
+    "all+lwf1+e30": MethodConfig(batchnorm=False, layers="all", replay=True, replay_distill=1.0, lr=3e-4),
+    "all+lwf1+lr1e-3": MethodConfig(batchnorm=False, layers="all", replay=True, replay_distill=1.0),
+    "all+lwf1+lr1e-3+e100": MethodConfig(batchnorm=False, layers="all", replay=True, replay_distill=1.0,
+                                         epochs=100),
+    "bn+all+lwf1+lr1e-3": MethodConfig(batchnorm=True, layers="all", replay=True, replay_distill=1.0),
+    "mixbn+all+lwf1+lr1e-3": MethodConfig(batchnorm=True, layers="all", replay=True, mixed_batchnorm=True,
+                                          replay_distill=1.0),
     "all+replay+slow": MethodConfig(batchnorm=False, layers="all", replay=True, lr=3e-4, epochs=100),
+    # ... then one round of self-training on the site's unlabelled crops, pseudo-labelled by the adapted model
+    # (its most confident half of each predicted class; reviewer labels win).
+    "bn+all+lwf+st": MethodConfig(**{**asdict(PRODUCT_METHODS["bn+all+lwf"]), "unsupervised": "selftrain-after",
+                                     "st_portions": (0.5,)}),
 }
 
 
@@ -101,10 +109,17 @@ def adapt_with_method(model: BaselineCNN, meta: ModelMetadata, unlabelled_bgr: n
     from engines.experiments.selftrain import information_maximisation, self_train, without_labelled
 
     unsupervised = getattr(cfg, "unsupervised", "none")
-    if unsupervised not in ("none", "im", "selftrain"):
-        raise ValueError(f"unknown unsupervised method {unsupervised!r} (none, im or selftrain)")
+    if unsupervised not in ("none", "im", "selftrain", "selftrain-after"):
+        raise ValueError(f"unknown unsupervised method {unsupervised!r} (none, im, selftrain or selftrain-after)")
     if unsupervised == "none":
         return adapt_model(model, meta, unlabelled_bgr, labelled_bgr, labels, cfg, replay, log)
+    if unsupervised == "selftrain-after":
+        # The anchor for the replay posterior is the starting model, before anything moved it.
+        anchor = copy.deepcopy(model).eval() if cfg.replay and cfg.replay_distill else None
+        adapt_model(model, meta, unlabelled_bgr, labelled_bgr, labels, cfg, replay, log)
+        self_train(model, unlabelled_bgr, labelled_bgr, labels, meta, cfg, replay if cfg.replay else None, log,
+                   anchor=anchor)
+        return model
     adapt_model(model, meta, unlabelled_bgr, labelled_bgr, labels, dataclasses.replace(cfg, layers="none"),
                 replay, log)
     replay = replay if cfg.replay else None

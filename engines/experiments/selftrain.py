@@ -141,9 +141,10 @@ def pseudo_labelled_set(model: nn.Module, unlabelled_bgr: np.ndarray, labelled_b
 
 def self_train(model: BaselineCNN, unlabelled_bgr: np.ndarray, labelled_bgr: np.ndarray, labels: np.ndarray,
                meta: ModelMetadata, cfg: AdaptConfig, replay: tuple[np.ndarray, np.ndarray] | None = None,
-               log=print) -> None:
+               log=print, anchor: torch.nn.Module | None = None) -> None:
     """``len(cfg.st_portions)`` rounds of pseudo-labelling and fine-tuning (``fine_tune``: L2-SP,
-    class-balanced batches, PBC replay if given), ``cfg.epochs`` split evenly over the rounds."""
+    class-balanced batches, PBC replay if given, the replay posterior of ``anchor`` if given), ``cfg.epochs``
+    split evenly over the rounds."""
     pool = without_labelled(unlabelled_bgr, labelled_bgr)
     rounds = len(cfg.st_portions)
     layers = cfg.layers if cfg.layers != "none" else "all"
@@ -153,4 +154,4 @@ def self_train(model: BaselineCNN, unlabelled_bgr: np.ndarray, labelled_bgr: np.
         log(f"  self-training round {r + 1}/{rounds}: {len(targets)} cells ({len(labels)} labelled), "
             f"per class {counts.tolist()}")
         sub = replace(cfg, layers=layers, epochs=max(1, cfg.epochs // rounds), seed=cfg.seed * 1000 + r)
-        fine_tune(model, crops, targets, meta, sub, replay, log)
+        fine_tune(model, crops, targets, meta, sub, replay, log, anchor)
