@@ -93,6 +93,7 @@ METHODS: dict[str, MethodConfig] = {
     "mixbn+all+lwf1+lr1e-3": MethodConfig(batchnorm=True, layers="all", replay=True, mixed_batchnorm=True,
                                           replay_distill=1.0),
     "all+replay+slow": MethodConfig(batchnorm=False, layers="all", replay=True, lr=3e-4, epochs=100),
+    "bn+all+replay+slow": MethodConfig(batchnorm=True, layers="all", replay=True, lr=3e-4, epochs=100),
     # ... then one round of self-training on the site's unlabelled crops, pseudo-labelled by the adapted model
     # (its most confident half of each predicted class; reviewer labels win).
     "bn+all+lwf+st": MethodConfig(**{**asdict(PRODUCT_METHODS["bn+all+lwf"]), "unsupervised": "selftrain-after",
