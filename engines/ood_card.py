@@ -172,13 +172,22 @@ def summarise(ood: dict) -> dict:
             "pbc_test": ood.get("pbc_test")}
 
 
+def _without_confusions(adaptation: dict) -> dict:
+    """The curve as the card keeps it: each run's confusion matrix is for experiments (results/*.json),
+    and 8×8 per run would bury the card's figures."""
+    domains = {d: {**block, "results": [{**r, "runs": [{k: v for k, v in run.items() if k != "confusion"}
+                                                        for run in r["runs"]]} for r in block["results"]]}
+               for d, block in adaptation["domains"].items()}
+    return {**adaptation, "domains": domains}
+
+
 def update_card(model_dir: Path, ood: dict, adaptation: dict | None, teacher: dict | None = None) -> None:
     """Put the OOD (and adaptation, and for a student its teacher's) figures into card.json and refresh
     the marked block of card.md."""
     def change(figures: dict) -> str:
         figures["out_of_domain"] = summarise(ood)
         if adaptation is not None:
-            figures["adaptation"] = {**adaptation, "model_id": ood["model"]}
+            figures["adaptation"] = {**_without_confusions(adaptation), "model_id": ood["model"]}
         elif figures.get("adaptation", {}).get("model_id") != ood["model"]:
             figures.pop("adaptation", None)  # measured on another file: stale
         if teacher is not None:
