@@ -175,8 +175,11 @@ def summarise(ood: dict) -> dict:
 def _without_confusions(adaptation: dict) -> dict:
     """The curve as the card keeps it: each run's confusion matrix is for experiments (results/*.json),
     and 8×8 per run would bury the card's figures."""
-    domains = {d: {**block, "results": [{**r, "runs": [{k: v for k, v in run.items() if k != "confusion"}
-                                                        for run in r["runs"]]} for r in block["results"]]}
+    def kept(result: dict) -> dict:
+        runs = [{k: v for k, v in run.items() if k != "confusion"} for run in result.get("runs", [])]
+        return {**result, "runs": runs} if "runs" in result else result
+
+    domains = {d: {**block, "results": [kept(r) for r in block["results"]]}
                for d, block in adaptation["domains"].items()}
     return {**adaptation, "domains": domains}
 
