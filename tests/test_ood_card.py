@@ -73,6 +73,19 @@ def test_card_block_is_added_once_and_refreshed_in_place(tmp_path: Path) -> None
     assert card["adaptation"]["model_id"] == "m-1@aaa"
 
 
+def test_card_names_the_default_method_and_keeps_runs_without_their_confusion_matrices(tmp_path: Path) -> None:
+    run = {"seed": 0, "balanced_accuracy": 0.9, "confusion": [[1, 0], [0, 1]]}
+    summary = {"balanced_accuracy": [0.9, 0.0], "ece": [0.1, 0.0], "pbc_balanced_accuracy": [0.96, 0.0]}
+    adaptation = {"epochs": None, "seeds": 1, "default_method": "bn+all+lwf", "domains": {"tecom": {
+        "n_test": 2, "n_pool": 2, "results": [{"n_labels": 50, "method": "bn+all+lwf", "runs": [run],
+                                                "mean_sd": summary}]}}}
+    update_card(tmp_path, ood_report("m-1@aaa"), adaptation)
+    kept = json.loads((tmp_path / "card.json").read_text())["adaptation"]["domains"]["tecom"]["results"][0]["runs"]
+    assert kept == [{"seed": 0, "balanced_accuracy": 0.9}]
+    text = (tmp_path / "card.md").read_text()
+    assert "| bn+all+lwf (`cytoedge adapt`) |" in text and "each method's own fine-tuning epochs" in text
+
+
 def test_adaptation_figures_of_another_model_file_are_dropped(tmp_path: Path) -> None:
     adaptation = {"epochs": 30, "seeds": 1, "domains": {}}
     update_card(tmp_path, ood_report("m-1@aaa"), adaptation)
