@@ -71,6 +71,12 @@ class AdaptConfig:
         """Trains on unlabelled site crops beyond batch norm (only experiment methods do)."""
         return False
 
+    @property
+    def trains_without_labels(self) -> bool:
+        """Has something to train with no site labels at all: unlabelled crops, or the replay crops'
+        starting posterior (after batch-norm re-estimation, PBC read through the site's statistics)."""
+        return self.uses_unlabelled_training or (self.layers != "none" and self.replay and self.replay_distill > 0)
+
 
 # ------------------------------------------------------------------------------------------ weights
 def class_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -143,8 +149,11 @@ def fine_tune(model: BaselineCNN, crops_bgr: np.ndarray, labels: np.ndarray, met
     """Fine-tune on labelled site cells; BatchNorm statistics stay frozen (they came from many more
     unlabelled cells than there are labels). L2-SP keeps the weights near where they started; with
     ``anchor`` (the starting model before batch-norm re-estimation) and ``cfg.replay_distill``, the replay
-    crops must also keep the posterior the starting model gave them, not only its labels."""
-    if cfg.layers == "none" or len(labels) == 0:
+    crops must also keep the posterior the starting model gave them, not only its labels. Without site
+    labels that is all it trains: the network learns to read PBC through the site's batch-norm statistics."""
+    replay_only = (len(labels) == 0 and anchor is not None and cfg.replay_distill > 0 and replay is not None
+                   and len(replay[1]) > 0)
+    if cfg.layers == "none" or (len(labels) == 0 and not replay_only):
         return
     torch.manual_seed(cfg.seed)
     params = list(model.head.parameters()) if cfg.layers == "head" else list(model.parameters())
@@ -156,10 +165,12 @@ def fine_tune(model: BaselineCNN, crops_bgr: np.ndarray, labels: np.ndarray, met
     optimiser = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     steps_per_epoch = max(1, math.ceil(len(labels) / cfg.batch_size))
     rng = np.random.default_rng(cfg.seed)
-    order = balanced_order(labels, cfg.epochs * steps_per_epoch, min(cfg.batch_size, max(2, len(labels))), rng)
+    batch = min(cfg.batch_size, max(2, len(labels))) if len(labels) else cfg.batch_size
+    order = (balanced_order(labels, cfg.epochs * steps_per_epoch, batch, rng) if len(labels)
+             else np.zeros((cfg.epochs * steps_per_epoch, 0), np.int64))
     replay_order = None
     if replay is not None and len(replay[1]):
-        replay_order = balanced_order(replay[1], len(order), order.shape[1], rng)
+        replay_order = balanced_order(replay[1], len(order), batch, rng)
         crops_bgr = np.concatenate([crops_bgr, replay[0]])
         labels = np.concatenate([labels, replay[1]])
         replay_order = replay_order + (len(labels) - len(replay[1]))
@@ -293,7 +304,7 @@ def runs_at(cfg: AdaptConfig, n_labels: int) -> bool:
     """Whether the curve measures ``cfg`` with ``n_labels`` labelled cells: methods that fine-tune on
     labels need some, methods that do not cannot use them; training on unlabelled crops works at 0."""
     if n_labels == 0:
-        return cfg.layers == "none" or cfg.uses_unlabelled_training
+        return cfg.layers == "none" or cfg.trains_without_labels
     return cfg.layers != "none"
 
 
@@ -353,7 +364,7 @@ def adaptation_curve(model_onnx: Path, shots: tuple[int, ...], seeds: int, metho
                     continue
                 site_crops = site_view(method_cfg, crops, pool, replay) if site_view else crops
                 runs = []
-                for seed in range(seeds if n or method_cfg.uses_unlabelled_training else 1):
+                for seed in range(seeds if n or method_cfg.trains_without_labels else 1):
                     began = time.time()
                     rng = np.random.default_rng([seed, n])
                     chosen_idx = draw_labelled(pool, n, rng)

@@ -39,14 +39,15 @@ def trained_home_model() -> BaselineCNN:
     return model
 
 
-def drift_on_replay(cfg: AdaptConfig) -> float:
+def drift_on_replay(cfg: AdaptConfig, labelled: int = 32) -> float:
     """Mean KL from the starting model's posterior to the site model's, on the home crops it replays."""
     start = trained_home_model()
     replay = crops(HOME, 64, seed=2)
-    # A site whose colours mean other classes: fitting it pulls the home crops' posteriors away.
-    site_images, site_labels = crops(HOME[[1, 2, 3, 0]], 32, seed=3)
-    adapted = adapt_model(copy.deepcopy(start), META, site_images[:0], site_images, site_labels, cfg, replay,
-                          log=lambda *_: None)
+    # A site whose colours mean other classes: fitting it, or its batch-norm statistics, pulls the home
+    # crops' posteriors away.
+    site_images, site_labels = crops(HOME[[1, 2, 3, 0]], 64, seed=3)
+    adapted = adapt_model(copy.deepcopy(start), META, site_images[labelled:], site_images[:labelled],
+                          site_labels[:labelled], cfg, replay, log=lambda *_: None)
     before = predict_probs(start, replay[0], META)
     after = predict_probs(adapted, replay[0], META)
     return float(np.mean(np.sum(before * (np.log(before + 1e-8) - np.log(after + 1e-8)), axis=1)))
@@ -67,3 +68,11 @@ def test_cytoedge_adapt_fine_tunes_with_reviewed_cells_and_only_re_estimates_bat
     with_labels, without = method_for(50), method_for(0)
     assert with_labels == METHODS["bn+all+lwf"] and with_labels.layers == "all" and with_labels.replay_distill > 0
     assert without.batchnorm and without.layers == "none"
+
+
+def test_without_site_labels_the_replay_posterior_undoes_what_batch_norm_re_estimation_does_to_the_home_crops() -> None:
+    statistics_only = AdaptConfig(batchnorm=True, layers="none")
+    with_posterior = AdaptConfig(batchnorm=True, layers="all", replay=True, replay_distill=3.0, epochs=20, l2sp=0.0,
+                                 lr=3e-3)
+    assert with_posterior.trains_without_labels and not statistics_only.trains_without_labels
+    assert drift_on_replay(with_posterior, labelled=0) < 0.5 * drift_on_replay(statistics_only, labelled=0)
