@@ -73,9 +73,8 @@ class AdaptConfig:
 
     @property
     def trains_without_labels(self) -> bool:
-        """Has something to train with no site labels at all: unlabelled crops, or the replay crops'
-        starting posterior (after batch-norm re-estimation, PBC read through the site's statistics)."""
-        return self.uses_unlabelled_training or (self.layers != "none" and self.replay and self.replay_distill > 0)
+        """Has something to train with no site labels at all (the adaptation curve measures it at 0 labels)."""
+        return self.uses_unlabelled_training
 
 
 # ------------------------------------------------------------------------------------------ weights
@@ -151,8 +150,8 @@ def fine_tune(model: BaselineCNN, crops_bgr: np.ndarray, labels: np.ndarray, met
     ``anchor`` (the starting model before batch-norm re-estimation) and ``cfg.replay_distill``, the replay
     crops must also keep the posterior the starting model gave them, not only its labels. Without site
     labels that is all it trains: the network learns to read PBC through the site's batch-norm statistics."""
-    replay_only = (len(labels) == 0 and anchor is not None and cfg.replay_distill > 0 and replay is not None
-                   and len(replay[1]) > 0)
+    replay_only = (len(labels) == 0 and cfg.trains_without_labels and anchor is not None and cfg.replay_distill > 0
+                   and replay is not None and len(replay[1]) > 0)
     if cfg.layers == "none" or (len(labels) == 0 and not replay_only):
         return
     torch.manual_seed(cfg.seed)

@@ -47,10 +47,18 @@ class MethodConfig(AdaptConfig):
     # (the runtime cannot apply a per-site colour transform).
     colour_match: bool = False
 
+    # With no site labels, train on the PBC replay crops' starting posterior alone (needs replay_distill):
+    # after batch-norm re-estimation, the network learns to read PBC through the site's statistics.
+    zero_label_replay: bool = False
+
     @property
     def uses_unlabelled_training(self) -> bool:
         """Trains on unlabelled site crops, so it has something to do with no labels at all."""
         return self.unsupervised != "none"
+
+    @property
+    def trains_without_labels(self) -> bool:
+        return self.uses_unlabelled_training or self.zero_label_replay
 
 
 METHODS: dict[str, MethodConfig] = {
@@ -94,6 +102,10 @@ METHODS: dict[str, MethodConfig] = {
                                           replay_distill=1.0),
     "all+replay+slow": MethodConfig(batchnorm=False, layers="all", replay=True, lr=3e-4, epochs=100),
     "bn+all+replay+slow": MethodConfig(batchnorm=True, layers="all", replay=True, lr=3e-4, epochs=100),
+    # With no labels: the replay posterior alone, after batch-norm re-estimation (and without it, a control).
+    "bn+lwf-only": MethodConfig(**{**asdict(PRODUCT_METHODS["bn+all+lwf"]), "zero_label_replay": True}),
+    "lwf3-only": MethodConfig(batchnorm=False, layers="all", replay=True, replay_distill=3.0, lr=3e-4, epochs=100,
+                              zero_label_replay=True),
     # ... then one round of self-training on the site's unlabelled crops, pseudo-labelled by the adapted model
     # (its most confident half of each predicted class; reviewer labels win).
     "bn+all+lwf+st": MethodConfig(**{**asdict(PRODUCT_METHODS["bn+all+lwf"]), "unsupervised": "selftrain-after",
