@@ -89,6 +89,7 @@ METHODS: dict[str, MethodConfig] = {
     # these vary the weight (lwf1, lwf10), batch norm (all+: PBC's statistics kept), rate and epochs.
     "bn+all+lwf": MethodConfig(**asdict(PRODUCT_METHODS["bn+all+lwf"])),
     "bn+all+lwf1": MethodConfig(batchnorm=True, layers="all", replay=True, replay_distill=1.0, lr=3e-4, epochs=100),
+    "bn+all+lwf+e200": MethodConfig(**{**asdict(PRODUCT_METHODS["bn+all+lwf"]), "epochs": 200}),
     "bn+all+lwf10": MethodConfig(batchnorm=True, layers="all", replay=True, replay_distill=10.0, lr=3e-4,
                                  epochs=100),
     "all+lwf3": MethodConfig(batchnorm=False, layers="all", replay=True, replay_distill=3.0, lr=3e-4, epochs=100),
