@@ -141,6 +141,8 @@ def test_smoke_chain_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
                                "--out", str(tmp_path / "curve.json")]) == 0
     (row,) = json.loads((tmp_path / "curve.json").read_text())["points"]
     assert row["step"] > 0 and row["val_accuracy"] == calib["val_accuracy"]
+    best = max((p["accuracy"] for p in calib["pruning"]), default=None)
+    assert (row["pruned_best"] or {}).get("accuracy") == best  # the best simulated pruning, not a fixed one
     # the teacher's posterior on other microscopes' unlabelled cells (here: four real PBC crops stand in)
     samples = list(pbc.read_manifest(root))[:4]
     crops = np.stack([pbc.load_crop_bgr(root / s.path, 64) for s in samples])

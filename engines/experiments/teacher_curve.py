@@ -21,15 +21,23 @@ from engines import pbc
 
 
 def point(checkpoint: Path, calib_path: Path) -> dict:
-    """One row: steps, minutes and recent loss from the checkpoint; validation accuracy and the best pruning
-    from the calibration file."""
+    """One row: steps, minutes and recent loss from the checkpoint; validation accuracy unpruned, with the
+    pruning ``engines.teacher label`` uses by default, and with the best pruning the calibration simulated."""
+    from engines.teacher import ScoreConfig
+
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     calib = json.loads(calib_path.read_text())
     loss = state["history"][-1]["loss"] if state["history"] else None
+    default = ScoreConfig()
+    pruning = calib["pruning"]
+    best = max(pruning, key=lambda p: (p["accuracy"], -p["passes"])) if pruning else None
     return {"checkpoint": checkpoint.name, "step": state["step"], "train_minutes": round(state["elapsed"] / 60, 1),
             "loss": None if loss is None else round(float(loss), 4), "val_accuracy": calib["val_accuracy"],
             "val_n": calib["val_n"], "tau": calib["tau"],
-            "pruned_4_keep_4_accuracy": next((p["accuracy"] for p in calib["pruning"]
+            "pruned_default_accuracy": next((p["accuracy"] for p in pruning if p["prune_after"] == default.prune_after
+                                             and p["keep"] == default.keep), None),
+            "pruned_best": best,
+            "pruned_4_keep_4_accuracy": next((p["accuracy"] for p in pruning
                                               if p["prune_after"] == 4 and p["keep"] == 4), None)}
 
 
