@@ -42,6 +42,7 @@ from edge.onnx_backend import OnnxRuntimeClassifier
 from engines.baseline import WEIGHTS_FILE, BaselineCNN, augment, normalise, to_tensor
 
 REPLAY_FILE = "replay.npz"  # PBC training crops mixed into fine-tuning (see replay_set)
+REPLAY_PER_CLASS = 50  # what the shipped replay.npz holds per class
 
 
 @dataclass(frozen=True)
@@ -326,7 +327,8 @@ def replay_set(pbc_root: Path, classes: list[str], per_class: int, size: int, se
 
 def adaptation_curve(model_onnx: Path, shots: tuple[int, ...], seeds: int, methods: dict[str, AdaptConfig],
                      out: Path | None, epochs: int | None = None, log=print, domains: tuple[str, ...] | None = None,
-                     adapt_step: AdaptStep = adapt_model, site_view: SiteView | None = None) -> dict:
+                     adapt_step: AdaptStep = adapt_model, site_view: SiteView | None = None,
+                     replay_per_class: int = REPLAY_PER_CLASS) -> dict:
     """For each wbc-shift domain: half the cells are a fixed test set, the other half the site's pool
     (all of it unlabelled for batch norm; n of it labelled). Balanced accuracy over the classes present,
     mean ± sd over seeds; PBC test balanced accuracy of the adapted model next to it. ``pool_balanced_accuracy``
@@ -343,9 +345,9 @@ def adaptation_curve(model_onnx: Path, shots: tuple[int, ...], seeds: int, metho
     pbc_root = pbc.data_dir(None)
     _, pbc_images, pbc_labels = evaluate.test_split(Path(model_onnx).parent, pbc_root)
     _, val_images, val_labels = evaluate.pbc_split(Path(model_onnx).parent, pbc_root, "val")
-    replay = replay_set(pbc_root, meta.classes, 50, meta.input_size)
+    replay = replay_set(pbc_root, meta.classes, replay_per_class, meta.input_size)
     report: dict = {"model": Path(model_onnx).parent.name + "/" + Path(model_onnx).name,
-                    "default_method": DEFAULT_METHOD,
+                    "default_method": DEFAULT_METHOD, "replay_per_class": replay_per_class,
                     "scales": {d: s["um_per_px"] for d, s in scales.items()},
                     "epochs": epochs, "seeds": seeds, "methods": {m: asdict(c) for m, c in methods.items()},
                     "threads": torch.get_num_threads(), "domains": {}}

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from edge.modelmeta import ModelMetadata
-from engines.adapt import CURVE_SHOTS, AdaptConfig, adapt_model, adaptation_curve
+from engines.adapt import CURVE_SHOTS, REPLAY_PER_CLASS, AdaptConfig, adapt_model, adaptation_curve
 from engines.adapt import METHODS as PRODUCT_METHODS
 from engines.baseline import BaselineCNN
 from engines.experiments import colourmatch
@@ -167,11 +167,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--domains", nargs="+", default=None, help="wbc-shift domains to measure (default: all)")
+    parser.add_argument("--replay-per-class", type=int, default=REPLAY_PER_CLASS,
+                        help="PBC training crops per class replayed (the shipped replay.npz holds 50)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     report = adaptation_curve(args.model, tuple(args.shots), args.seeds, {m: METHODS[m] for m in args.methods},
                               args.out, args.epochs, domains=tuple(args.domains) if args.domains else None,
-                              adapt_step=adapt_with_method, site_view=colour_matched_view)
+                              adapt_step=adapt_with_method, site_view=colour_matched_view,
+                              replay_per_class=args.replay_per_class)
     if not args.out:
         print(json.dumps(report, indent=1))
     return 0
