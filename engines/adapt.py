@@ -284,6 +284,8 @@ def method_for(n_labels: int) -> AdaptConfig:
     """What ``cytoedge adapt`` does with this many reviewed cells: the default fine-tuning when there are
     any, batch-norm re-estimation on the frames' cells when there are none (nothing else can be learnt)."""
     return METHODS[DEFAULT_METHOD if n_labels else LABEL_FREE_METHOD]
+
+
 CURVE_SHOTS = (0, 20, 50, 100)
 
 AdaptStep = Callable[..., BaselineCNN]
