@@ -90,6 +90,8 @@ METHODS: dict[str, MethodConfig] = {
     "bn+all+lwf": MethodConfig(**asdict(PRODUCT_METHODS["bn+all+lwf"])),
     "bn+all+lwf1": MethodConfig(batchnorm=True, layers="all", replay=True, replay_distill=1.0, lr=3e-4, epochs=100),
     "bn+all+lwf+e200": MethodConfig(**{**asdict(PRODUCT_METHODS["bn+all+lwf"]), "epochs": 200}),
+    "bn+all+lwf+lr1e-4+e300": MethodConfig(**{**asdict(PRODUCT_METHODS["bn+all+lwf"]), "lr": 1e-4, "epochs": 300}),
+    "bn+all+lwf+l2sp0.1": MethodConfig(**{**asdict(PRODUCT_METHODS["bn+all+lwf"]), "l2sp": 0.1}),
     "bn+all+lwf10": MethodConfig(batchnorm=True, layers="all", replay=True, replay_distill=10.0, lr=3e-4,
                                  epochs=100),
     "all+lwf3": MethodConfig(batchnorm=False, layers="all", replay=True, replay_distill=3.0, lr=3e-4, epochs=100),
