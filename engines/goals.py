@@ -125,8 +125,8 @@ TRIED = [
     "`cytoedge adapt` from the student (its weights unfolded from the ONNX file): batch-norm re-estimation and "
     "fine-tuning with PBC replay, 0/20/50/100 labels, 3 seeds (the adaptation table above). Since issue 15's last "
     "round the replay crops also keep the posterior the starting model gave them (learning without forgetting), at "
-    "a third of the rate for 100 epochs (`bn+all+lwf`, chosen on the tecom pool and PBC validation among 15 "
-    "variants): for student-v1 with 50 labels PBC after adapting went 0.88 / 0.90 → 0.96 / 0.96 and tecom 0.84 → "
+    "a third of the rate for 100 epochs (`bn+all+lwf`, chosen on the tecom pool and PBC validation among 18 "
+    "methods): for student-v1 with 50 labels PBC after adapting went 0.88 / 0.90 → 0.96 / 0.96 and tecom 0.84 → "
     "0.88; cellavision-blog stayed at 0.64 (one basophil in its 50 test cells, lymphocytes called monocytes). "
     "Self-training on the unlabelled pool after it lowered tecom (docs/robustness.md, 'Keeping PBC while adapting').",
 ]
