@@ -178,13 +178,15 @@ def fine_tune(model: BaselineCNN, crops_bgr: np.ndarray, labels: np.ndarray, met
     gen = torch.Generator().manual_seed(cfg.seed)
     y_all = torch.from_numpy(labels.astype(np.int64))
     model.eval()  # frozen BN statistics and no dropout: the few labels only move the weights
+    # the replay half of each batch, when its starting posterior is to be kept
+    kept = (slice(order.shape[1] - replay_order.shape[1], None)
+            if anchor is not None and cfg.replay_distill and replay_order is not None else None)
     for step, idx in enumerate(order):
         x = augment(to_tensor(crops_bgr[idx]), gen)
         x = normalise(x, meta.mean, meta.std)
         logits = class_logits(model, x)
         loss = F.cross_entropy(logits, y_all[idx])
-        if anchor is not None and cfg.replay_distill and replay_order is not None:
-            kept = slice(order.shape[1] - replay_order.shape[1], None)  # the replay half of the batch
+        if kept is not None:
             with torch.no_grad():
                 target = class_logits(anchor, x[kept]).log_softmax(1)
             loss = loss + cfg.replay_distill * F.kl_div(logits[kept].log_softmax(1), target, log_target=True,
@@ -201,12 +203,19 @@ def fine_tune(model: BaselineCNN, crops_bgr: np.ndarray, labels: np.ndarray, met
     model.eval()
 
 
+def replay_anchor(model: nn.Module, cfg: AdaptConfig, replay: tuple[np.ndarray, np.ndarray] | None
+                  ) -> nn.Module | None:
+    """A frozen copy of the starting model, whose posterior the replay crops must keep (``cfg.replay_distill``);
+    taken before batch-norm re-estimation or any fine-tuning moves it. None when nothing needs it."""
+    return copy.deepcopy(model).eval() if cfg.replay_distill and replay is not None else None
+
+
 def adapt_model(model: BaselineCNN, meta: ModelMetadata, unlabelled_bgr: np.ndarray, labelled_bgr: np.ndarray,
                 labels: np.ndarray, cfg: AdaptConfig, replay: tuple[np.ndarray, np.ndarray] | None = None,
                 log=print) -> BaselineCNN:
     """BatchNorm re-estimation on every site crop (labelled ones too), then fine-tuning on the labels."""
     torch.set_num_threads(cfg.threads)
-    anchor = copy.deepcopy(model).eval() if cfg.replay and cfg.replay_distill and replay is not None else None
+    anchor = replay_anchor(model, cfg, replay)
     if cfg.batchnorm:
         parts = [unlabelled_bgr, labelled_bgr]
         if cfg.mixed_batchnorm and replay is not None:

@@ -13,7 +13,6 @@ docs/robustness.md ("Adaptation"). None of these beat batch-norm re-estimation r
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import sys
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 
 from edge.modelmeta import ModelMetadata
-from engines.adapt import CURVE_SHOTS, REPLAY_PER_CLASS, AdaptConfig, adapt_model, adaptation_curve
+from engines.adapt import CURVE_SHOTS, REPLAY_PER_CLASS, AdaptConfig, adapt_model, adaptation_curve, replay_anchor
 from engines.adapt import METHODS as PRODUCT_METHODS
 from engines.baseline import BaselineCNN
 from engines.experiments import colourmatch
@@ -131,7 +130,7 @@ def adapt_with_method(model: BaselineCNN, meta: ModelMetadata, unlabelled_bgr: n
         return adapt_model(model, meta, unlabelled_bgr, labelled_bgr, labels, cfg, replay, log)
     if unsupervised == "selftrain-after":
         # The anchor for the replay posterior is the starting model, before anything moved it.
-        anchor = copy.deepcopy(model).eval() if cfg.replay and cfg.replay_distill else None
+        anchor = replay_anchor(model, cfg, replay)
         adapt_model(model, meta, unlabelled_bgr, labelled_bgr, labels, cfg, replay, log)
         self_train(model, unlabelled_bgr, labelled_bgr, labels, meta, cfg, replay if cfg.replay else None, log,
                    anchor=anchor)
