@@ -39,6 +39,7 @@ from torch import nn
 
 from edge.modelmeta import ModelMetadata
 from edge.onnx_backend import OnnxRuntimeClassifier
+from engines import differential_prior
 from engines.baseline import WEIGHTS_FILE, BaselineCNN, augment, normalise, to_tensor
 
 REPLAY_FILE = "replay.npz"  # PBC training crops mixed into fine-tuning (see replay_set)
@@ -60,6 +61,9 @@ class AdaptConfig:
     # Learning without forgetting on the replay crops: KL from the starting model's posterior (taken with
     # its own, PBC, batch-norm statistics) to the site model's, weighted by this; 0 = plain replay labels.
     replay_distill: float = 0.0
+    # The site's unlabelled white cells come from normal control smears: after everything else, per-class
+    # logit offsets make them average to a normal differential (engines/differential_prior.py).
+    normal_differential: bool = False
     seed: int = 0
     threads: int = 1
 
@@ -212,8 +216,10 @@ def replay_anchor(model: nn.Module, cfg: AdaptConfig, replay: tuple[np.ndarray, 
 
 def adapt_model(model: BaselineCNN, meta: ModelMetadata, unlabelled_bgr: np.ndarray, labelled_bgr: np.ndarray,
                 labels: np.ndarray, cfg: AdaptConfig, replay: tuple[np.ndarray, np.ndarray] | None = None,
-                log=print) -> BaselineCNN:
-    """BatchNorm re-estimation on every site crop (labelled ones too), then fine-tuning on the labels."""
+                log=print, white_bgr: np.ndarray | None = None) -> BaselineCNN:
+    """BatchNorm re-estimation on every site crop (labelled ones too), then fine-tuning on the labels, then
+    (``cfg.normal_differential``) the class-balance offsets fitted on the site's unlabelled white cells
+    (``white_bgr``; default ``unlabelled_bgr``, which then must hold white cells only)."""
     torch.set_num_threads(cfg.threads)
     anchor = replay_anchor(model, cfg, replay)
     if cfg.batchnorm:
@@ -226,6 +232,13 @@ def adapt_model(model: BaselineCNN, meta: ModelMetadata, unlabelled_bgr: np.ndar
         reestimate_batchnorm(model, pool, meta)
         log(f"re-estimated batch-norm statistics on {len(pool)} site crops")
     fine_tune(model, labelled_bgr, labels, meta, cfg, replay if cfg.replay else None, log, anchor)
+    if cfg.normal_differential:
+        cells = unlabelled_bgr if white_bgr is None else white_bgr
+        offsets = differential_prior.fit_offsets(predict_probs(model, cells, meta),
+                                                 differential_prior.target_shares(meta.classes))
+        differential_prior.fold_into_head(model.head, offsets, meta.temperature)
+        shown = ", ".join(f"{c} {o:+.1f}" for c, o in zip(meta.classes, offsets, strict=True))
+        log(f"class-balance offsets for a normal differential, fitted on {len(cells)} white cells: {shown}")
     return model
 
 
@@ -284,15 +297,23 @@ METHODS: dict[str, AdaptConfig] = {
     # the starting model gave them under PBC's own batch-norm statistics (learning without forgetting):
     # PBC stays near its own accuracy (docs/robustness.md, "Keeping PBC while adapting").
     "bn+all+lwf": AdaptConfig(batchnorm=True, layers="all", replay=True, replay_distill=3.0, lr=3e-4, epochs=100),
+    # The same, when the frames come from normal control smears: the class balance is calibrated too
+    # (docs/robustness.md, "Calibrating on normal controls"). Measured on a simulated control run.
+    "bn+normal": AdaptConfig(batchnorm=True, layers="none", normal_differential=True),
+    "bn+all+lwf+normal": AdaptConfig(batchnorm=True, layers="all", replay=True, replay_distill=3.0, lr=3e-4,
+                                     epochs=100, normal_differential=True),
 }
 DEFAULT_METHOD = "bn+all+lwf"  # with reviewed cells
 LABEL_FREE_METHOD = "bn"  # only unlabelled crops: batch-norm re-estimation is all there is to do
 
 
-def method_for(n_labels: int) -> AdaptConfig:
+def method_for(n_labels: int, normal_controls: bool = False) -> AdaptConfig:
     """What ``cytoedge adapt`` does with this many reviewed cells: the default fine-tuning when there are
-    any, batch-norm re-estimation on the frames' cells when there are none (nothing else can be learnt)."""
-    return METHODS[DEFAULT_METHOD if n_labels else LABEL_FREE_METHOD]
+    any, batch-norm re-estimation on the frames' cells when there are none (nothing else can be learnt
+    from them alone). ``normal_controls``: the frames are of healthy donors' smears, so the class balance
+    is calibrated to a normal differential as well."""
+    method = METHODS[DEFAULT_METHOD if n_labels else LABEL_FREE_METHOD]
+    return dataclasses.replace(method, normal_differential=True) if normal_controls else method
 
 
 CURVE_SHOTS = (0, 20, 50, 100)
@@ -376,13 +397,18 @@ def adaptation_curve(model_onnx: Path, shots: tuple[int, ...], seeds: int, metho
                     continue
                 site_crops = site_view(method_cfg, crops, pool, replay) if site_view else crops
                 runs = []
-                for seed in range(seeds if n or method_cfg.trains_without_labels else 1):
+                # Without labels a method is deterministic, unless it trains or draws a control run.
+                repeats = seeds if n or method_cfg.trains_without_labels or method_cfg.normal_differential else 1
+                for seed in range(repeats):
                     began = time.time()
                     rng = np.random.default_rng([seed, n])
                     chosen_idx = draw_labelled(pool, n, rng)
                     model = copy.deepcopy(base)
                     cfg = dataclasses.replace(method_cfg, seed=seed, epochs=epochs or method_cfg.epochs)
-                    adapt_step(model, meta, site_crops[pool], site_crops[chosen_idx], labels[chosen_idx], cfg,
+                    # A method that assumes normal control smears gets a simulated control run as its frames.
+                    seen = (differential_prior.control_sample(pool, labels, meta.classes, rng)
+                            if cfg.normal_differential else pool)
+                    adapt_step(model, meta, site_crops[seen], site_crops[chosen_idx], labels[chosen_idx], cfg,
                                replay, log=lambda *_: None)
                     seconds = time.time() - began
                     probs = predict_probs(model, site_crops[test], meta)

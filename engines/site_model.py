@@ -24,7 +24,7 @@ from edge.fileutil import atomic_write_bytes
 from edge.modelmeta import ModelMetadata
 from edge.onnx_backend import OnnxRuntimeClassifier
 from engines import card as model_card
-from engines import evaluate, export
+from engines import differential_prior, evaluate, export
 from engines.adapt import (
     REPLAY_FILE,
     WEIGHTS_FILE,
@@ -50,7 +50,7 @@ def _scores(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict:
 
 def cross_validate(base: BaselineCNN, meta: ModelMetadata, replay: tuple[np.ndarray, np.ndarray] | None,
                    unlabelled: np.ndarray, crops: np.ndarray, labels: np.ndarray, cfg: AdaptConfig,
-                   folds: int = FOLDS, log=print) -> dict | None:
+                   folds: int = FOLDS, log=print, white: np.ndarray | None = None) -> dict | None:
     """Base versus adapted on held-out folds of the site's labelled cells (balanced accuracy over the
     classes present). Each fold's model sees the unlabelled crops and the other folds' labels only."""
     if len(labels) < MIN_LABELS_FOR_CV or folds < 2:
@@ -62,7 +62,7 @@ def cross_validate(base: BaselineCNN, meta: ModelMetadata, replay: tuple[np.ndar
     for index, held in enumerate(parts):
         train = np.setdiff1d(np.arange(len(labels)), held)
         model = adapt_model(copy.deepcopy(base), meta, unlabelled, crops[train], labels[train], cfg, replay,
-                            log=lambda *_: None)
+                            log=lambda *_: None, white_bgr=white)
         site_probs[held] = predict_probs(model, crops[held], meta)
         base_probs[held] = predict_probs(base, crops[held], meta)
         log(f"cross-validation fold {index + 1}/{folds} done")
@@ -107,6 +107,21 @@ def site_reference(model_path: Path, white_crops: np.ndarray) -> dict:
                            "recording_halves": alarm_self_check(labels, values, ordered=True)}}
 
 
+def differential_check(base_onnx: Path, site_onnx: Path, white: np.ndarray) -> dict:
+    """How the site's white cells are spread over the classes by the base model and by the exported site
+    model, next to a normal differential: with ``normal_differential`` the site model should read its
+    control cells as normal, and this is measured through the ONNX file the service will run."""
+    shares = {}
+    for who, path in (("base", base_onnx), ("site", site_onnx)):
+        classifier = OnnxRuntimeClassifier(path, threads=1)
+        labels, _ = cell_features(classifier, white)
+        classes = classifier.metadata.classes
+        shares[who] = {c: round(float(np.mean(labels == c)), 4) for c in classes}
+    target = differential_prior.target_shares(classes)
+    return {"cells": len(white), "normal": {c: round(float(t), 4) for c, t in zip(classes, target, strict=True)},
+            **shares}
+
+
 def build_site_model(base_onnx: Path, out: Path, name: str, unlabelled: np.ndarray, white: np.ndarray,
                      crops: np.ndarray, labels: list[str], cfg: AdaptConfig, provenance: dict, folds: int = FOLDS,
                      log=print) -> dict:
@@ -119,8 +134,8 @@ def build_site_model(base_onnx: Path, out: Path, name: str, unlabelled: np.ndarr
     replay = load_replay(base_onnx, meta.classes)
     log(f"adapting {meta.name} {meta.version}: {len(labels)} labelled cells, {len(unlabelled)} unlabelled crops, "
         f"{0 if replay is None else len(replay[1])} PBC replay crops")
-    validation = cross_validate(base, meta, replay, unlabelled, crops, index, cfg, folds, log)
-    model = adapt_model(base, meta, unlabelled, crops, index, cfg, replay, log)
+    validation = cross_validate(base, meta, replay, unlabelled, crops, index, cfg, folds, log, white)
+    model = adapt_model(base, meta, unlabelled, crops, index, cfg, replay, log, white_bgr=white)
     out.mkdir(parents=True, exist_ok=True)
     site_meta = export.replace(meta, name=name, version=dt.date.today().isoformat(), kind="site", reference={})
     onnx_path = export.export_onnx(model, out / "model.onnx", site_meta)
@@ -128,6 +143,7 @@ def build_site_model(base_onnx: Path, out: Path, name: str, unlabelled: np.ndarr
     if replay is not None:
         shutil.copyfile(Path(base_onnx).with_name(REPLAY_FILE), out / REPLAY_FILE)
     reference = site_reference(onnx_path, white)
+    differential = differential_check(base_onnx, onnx_path, white) if cfg.normal_differential else None
     atomic_write_bytes(out / "reference.json", json.dumps(reference, indent=1).encode())
     sha = reference["model_sha256"]  # measured on the exported file by site_reference
     card = {
@@ -146,6 +162,7 @@ def build_site_model(base_onnx: Path, out: Path, name: str, unlabelled: np.ndarr
         },
         "method": asdict(cfg),
         "cross_validation": validation,
+        "control_differential": differential,
         "reference_classes": reference["classes"],
         "alarm_self_check": reference["self_check"],
         "seconds": round(time.time() - began, 1),
@@ -168,6 +185,22 @@ def _self_check_lines(check: dict, white: int) -> list[str]:
                                  ": the site's cells changed while it was recorded (slide, stain batch, lamp); the "
                                  "reference covers both, but expect the alarm if later slides move further."))
     return lines
+
+
+def _differential_lines(check: dict | None) -> list[str]:
+    if not check:
+        return []
+    shown = [c for c, share in check["normal"].items() if share >= 0.01]
+    return ["## Calibrated on normal control smears",
+            f"The frames were declared normal controls (`--normal-controls`): per-class offsets in the head make "
+            f"their {check['cells']} white cells read as a normal differential. Fitted once; later patients are "
+            "read with the same offsets, so an abnormal differential still shows against it.",
+            "",
+            "| class | normal | base model | site model |",
+            "|---|---|---|---|",
+            *(f"| {c} | {100 * check['normal'][c]:.0f}% | {100 * check['base'][c]:.1f}% | "
+              f"{100 * check['site'][c]:.1f}% |" for c in shown),
+            ""]
 
 
 def render_card(card: dict) -> str:
@@ -201,8 +234,10 @@ def render_card(card: dict) -> str:
         f"- Batch-norm statistics re-estimated on the site's crops: {method['batchnorm']}; fine-tuned layers: "
         f"{method['layers']}; {method['epochs']} epochs, lr {method['lr']}, L2-SP {method['l2sp']}, PBC replay "
         f"{method['replay']} (its starting posterior kept with weight {method.get('replay_distill', 0.0)}), seed "
-        f"{method['seed']}. Rationale and measurements: docs/robustness.md (Adaptation).",
+        f"{method['seed']}; class balance calibrated on normal control smears: "
+        f"{method.get('normal_differential', False)}. Rationale and measurements: docs/robustness.md (Adaptation).",
         "",
+        *_differential_lines(card.get("control_differential")),
         "## Measured on this site's labelled cells",
     ]
     cv = card["cross_validation"]

@@ -19,6 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default=None, help="site model name (default: site-YYYYmmdd-HHMMSS)")
     parser.add_argument("--epochs", type=int, default=None,
                         help="fine-tuning epochs over the labelled cells (default: the method's own, 100)")
+    parser.add_argument("--normal-controls", action="store_true",
+                        help="the --frames are of healthy donors' smears: also calibrate the class balance so their "
+                             "white cells read as a normal differential (fitted once, kept for later patients)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--folds", type=int, default=5,
                         help="cross-validation folds for the card's site-versus-base figures (0 = skip, faster)")
@@ -50,6 +53,7 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         from engines.adapt import method_for
+        from engines.differential_prior import MIN_CELLS as MIN_CONTROL_CELLS
         from engines.site_model import build_site_model
     except ImportError as exc:
         raise CytoedgeError(f"cytoedge adapt needs the training extra ({exc.name} is missing): "
@@ -81,11 +85,14 @@ def main(args: argparse.Namespace) -> int:
     if len(pool) < 16 or len(white_crops) < 10:
         raise CytoedgeError(f"too few cells to adapt: {len(pool)} crops, {len(white_crops)} white cells "
                             "(need at least 16 and 10); record more frames or review more cells")
+    if args.normal_controls and len(white_crops) < MIN_CONTROL_CELLS:
+        raise CytoedgeError(f"--normal-controls needs at least {MIN_CONTROL_CELLS} white cells in the control frames "
+                            f"to calibrate a differential, found {len(white_crops)}; record more control fields")
     provenance = {"sessions": reviewed.sessions, "frames": unlabelled.frames, "reviews": list(args.reviews),
                   "frame_sources": list(args.frames), "um_per_px": config["microscope"]["um_per_px"],
                   "skipped": dict(reviewed.skipped + unlabelled.skipped)}
     # The method is chosen in engines.adapt from docs/robustness.md's measurements; the card records it.
-    method = method_for(len(reviewed.labels))
+    method = method_for(len(reviewed.labels), normal_controls=args.normal_controls)
     settings = dataclasses.replace(method, epochs=args.epochs or method.epochs, seed=args.seed, threads=args.threads)
     store.root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".adapt-", dir=store.root) as temp:

@@ -110,6 +110,10 @@ METHODS: dict[str, MethodConfig] = {
                               zero_label_replay=True),
     # ... then one round of self-training on the site's unlabelled crops, pseudo-labelled by the adapted model
     # (its most confident half of each predicted class; reviewer labels win).
+    # The frames are a normal control run: class-balance offsets for a normal differential after the rest
+    # (engines/differential_prior.py), measured on a control run simulated from the pool.
+    "bn+normal": MethodConfig(**asdict(PRODUCT_METHODS["bn+normal"])),
+    "bn+all+lwf+normal": MethodConfig(**asdict(PRODUCT_METHODS["bn+all+lwf+normal"])),
     "bn+all+lwf+st": MethodConfig(**{**asdict(PRODUCT_METHODS["bn+all+lwf"]), "unsupervised": "selftrain-after",
                                      "st_portions": (0.5,)}),
 }
