@@ -151,7 +151,12 @@ def render_section(ood: dict, adaptation: dict | None, teacher: dict | None = No
                   "engines/adapt.py). Test halves: "
                   + ", ".join(f"{d} n={b['n_test']} (pool {b['n_pool']})" for d, b in adaptation["domains"].items())
                   + "; balanced accuracy over the classes present in the half, so the 'none' rows differ from the "
-                  "whole-domain figures above; no 100-label row where the pool is smaller.", "",
+                  "whole-domain figures above; no 100-label row where the pool is smaller."
+                  + (" `bn+normal` (`cytoedge adapt --frames ... --normal-controls`, no labels) is given a normal "
+                     "control run: pool cells drawn so their classes follow a normal differential, as a healthy "
+                     "donor's smear would show them (docs/robustness.md)." if any(
+                         r["method"] == "bn+normal" for b in adaptation["domains"].values() for r in b["results"])
+                     else ""), "",
                   *_adaptation_rows(adaptation)]
     lines += ["", "What was tried to make models hold up on other microscopes, each measured on these sets "
               "(docs/robustness.md): lab-to-lab augmentations (stain, colour, optics, sensor, scale) and a "

@@ -108,8 +108,12 @@ def test_adapting_with_normal_controls_calibrates_after_batch_norm_and_only_then
     target = differential_prior.target_shares(CLASSES)
     assert np.allclose(predict_probs(calibrated, crops, meta).mean(0), target, atol=2e-3)
     assert not np.allclose(predict_probs(plain, crops, meta).mean(0), target, atol=0.05)
-    assert method_for(50, normal_controls=True).layers == "all" and method_for(50).normal_differential is False
-    assert AdaptConfig().normal_differential is False
+    assert AdaptConfig().normal_differential is False and method_for(0).normal_differential is False
+
+
+def test_reviewed_cells_set_the_class_balance_so_normal_controls_add_no_calibration_to_fine_tuning() -> None:
+    assert method_for(50, normal_controls=True) == method_for(50)
+    assert method_for(50).layers == "all" and not method_for(50).normal_differential
 
 
 @pytest.mark.slow

@@ -20,8 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=None,
                         help="fine-tuning epochs over the labelled cells (default: the method's own, 100)")
     parser.add_argument("--normal-controls", action="store_true",
-                        help="the --frames are of healthy donors' smears: also calibrate the class balance so their "
-                             "white cells read as a normal differential (fitted once, kept for later patients)")
+                        help="the --frames are of healthy donors' smears: also calibrate the class balance so "
+                             "their white cells read as a normal differential (fitted once, kept for later "
+                             "patients; frames only: with --reviews the reviewed cells set the balance instead)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--folds", type=int, default=5,
                         help="cross-validation folds for the card's site-versus-base figures (0 = skip, faster)")
@@ -85,7 +86,10 @@ def main(args: argparse.Namespace) -> int:
     if len(pool) < 16 or len(white_crops) < 10:
         raise CytoedgeError(f"too few cells to adapt: {len(pool)} crops, {len(white_crops)} white cells "
                             "(need at least 16 and 10); record more frames or review more cells")
-    if args.normal_controls and len(white_crops) < MIN_CONTROL_CELLS:
+    if args.normal_controls and len(reviewed.labels):
+        print("note: the reviewed cells set the class balance; the --normal-controls calibration is applied only "
+              "to frames-only site models (after fine-tuning it lowered accuracy, docs/robustness.md)", file=sys.stderr)
+    elif args.normal_controls and len(white_crops) < MIN_CONTROL_CELLS:
         raise CytoedgeError(f"--normal-controls needs at least {MIN_CONTROL_CELLS} white cells in the control frames "
                             f"to calibrate a differential, found {len(white_crops)}; record more control fields")
     provenance = {"sessions": reviewed.sessions, "frames": unlabelled.frames, "reviews": list(args.reviews),

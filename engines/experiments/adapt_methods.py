@@ -23,7 +23,16 @@ import numpy as np
 import torch
 
 from edge.modelmeta import ModelMetadata
-from engines.adapt import CURVE_SHOTS, REPLAY_PER_CLASS, AdaptConfig, adapt_model, adaptation_curve, replay_anchor
+from engines import differential_prior
+from engines.adapt import (
+    CURVE_SHOTS,
+    REPLAY_PER_CLASS,
+    AdaptConfig,
+    adapt_model,
+    adaptation_curve,
+    predict_probs,
+    replay_anchor,
+)
 from engines.adapt import METHODS as PRODUCT_METHODS
 from engines.baseline import BaselineCNN
 from engines.experiments import colourmatch
@@ -113,7 +122,12 @@ METHODS: dict[str, MethodConfig] = {
     # The frames are a normal control run: class-balance offsets for a normal differential after the rest
     # (engines/differential_prior.py), measured on a control run simulated from the pool.
     "bn+normal": MethodConfig(**asdict(PRODUCT_METHODS["bn+normal"])),
-    "bn+all+lwf+normal": MethodConfig(**asdict(PRODUCT_METHODS["bn+all+lwf+normal"])),
+    "bn+all+lwf+normal": MethodConfig(**{**asdict(PRODUCT_METHODS["bn+all+lwf"]), "normal_differential": True}),
+    # Frames only: the calibrated model's most confident half of each class as pseudo-labels, fine-tuned as the
+    # product fine-tunes on reviewed cells (replay posterior kept), then calibrated again.
+    "bn+normal+st": MethodConfig(**{**asdict(PRODUCT_METHODS["bn+all+lwf"]), "layers": "none",
+                                    "normal_differential": True, "unsupervised": "selftrain-after",
+                                    "st_portions": (0.5,)}),
     "bn+all+lwf+st": MethodConfig(**{**asdict(PRODUCT_METHODS["bn+all+lwf"]), "unsupervised": "selftrain-after",
                                      "st_portions": (0.5,)}),
 }
@@ -138,6 +152,8 @@ def adapt_with_method(model: BaselineCNN, meta: ModelMetadata, unlabelled_bgr: n
         adapt_model(model, meta, unlabelled_bgr, labelled_bgr, labels, cfg, replay, log)
         self_train(model, unlabelled_bgr, labelled_bgr, labels, meta, cfg, replay if cfg.replay else None, log,
                    anchor=anchor)
+        if cfg.normal_differential:  # self-training's class-balanced batches move the balance again
+            recalibrate(model, meta, unlabelled_bgr)
         return model
     adapt_model(model, meta, unlabelled_bgr, labelled_bgr, labels, dataclasses.replace(cfg, layers="none"),
                 replay, log)
@@ -150,6 +166,13 @@ def adapt_with_method(model: BaselineCNN, meta: ModelMetadata, unlabelled_bgr: n
         information_maximisation(model, np.concatenate(site), meta, cfg, replay, log)
     return adapt_model(model, meta, unlabelled_bgr[:0], labelled_bgr, labels,
                        dataclasses.replace(cfg, batchnorm=False), replay, log)
+
+
+def recalibrate(model: BaselineCNN, meta: ModelMetadata, white_bgr: np.ndarray) -> None:
+    """Fit the normal-differential offsets again on top of the model's current head (they add up)."""
+    offsets = differential_prior.fit_offsets(predict_probs(model, white_bgr, meta),
+                                             differential_prior.target_shares(meta.classes))
+    differential_prior.fold_into_head(model.head, offsets, meta.temperature)
 
 
 def colour_matched_view(cfg: AdaptConfig, crops: np.ndarray, pool: np.ndarray,
