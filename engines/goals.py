@@ -31,6 +31,13 @@ def _adapted(card: dict, domain: str) -> dict | None:
     return row["mean_sd"] if row else None
 
 
+def _control_calibrated(card: dict, domain: str) -> float | None:
+    """Balanced accuracy of the frames-only site model calibrated on a (simulated) normal control run."""
+    rows = card.get("adaptation", {}).get("domains", {}).get(domain, {}).get("results", [])
+    row = next((r for r in rows if r["n_labels"] == 0 and r["method"] == "bn+normal"), None)
+    return row["mean_sd"]["balanced_accuracy"][0] if row else None
+
+
 def goals(card: dict, teacher: dict | None) -> list[dict]:
     """(goal, measured, target, met, note) rows; measured None = not measured. A row may carry a fifth value,
     a figure the measurement must also beat (the CNN's, for the held-out-class AUROC)."""
@@ -41,8 +48,11 @@ def goals(card: dict, teacher: dict | None) -> list[dict]:
             ("held-back PBC balanced accuracy ≥ 0.975", held.get("pbc_heldback"), 0.975, "issue 15, measured outside"),
             ("ECE ≤ 0.03 (PBC test)", student.get("ece"), 0.03, "lower is better")]
     for domain in ("tecom", "cellavision-blog"):
+        calibrated = _control_calibrated(card, domain)
         rows.append((f"{domain} balanced accuracy ≥ 0.80 without site labels",
-                     ood.get(domain, {}).get("balanced_accuracy"), 0.80, "wbc-shift, matched scale"))
+                     ood.get(domain, {}).get("balanced_accuracy"), 0.80, "wbc-shift, matched scale, the shipped model"
+                     + ("" if calibrated is None else f"; {calibrated:.2f} (test half) after `cytoedge adapt "
+                        "--normal-controls` on a normal control run, still no labels")))
         adapted = _adapted(card, domain)
         rows.append((f"{domain} ≥ 0.92 with {LABELS} site labels (cytoedge adapt)",
                      adapted["balanced_accuracy"][0] if adapted else None, 0.92, "test half, 3 seeds"))
@@ -129,6 +139,12 @@ TRIED = [
     "methods): for student-v1 with 50 labels PBC after adapting went 0.88 / 0.90 → 0.96 / 0.96 and tecom 0.84 → "
     "0.88; cellavision-blog stayed at 0.64 (one basophil in its 50 test cells, lymphocytes called monocytes). "
     "Self-training on the unlabelled pool after it lowered tecom (docs/robustness.md, 'Keeping PBC while adapting').",
+    "Without labels, calibrating the class balance on a normal control run (`cytoedge adapt --normal-controls`: "
+    "batch-norm re-estimation, then per-class offsets so the controls read as a normal differential), 3 seeds on a "
+    "control run simulated from the pool: tecom 0.39 → 0.66 for student-v1 and 0.58 → 0.77 for baseline-robust, "
+    "cellavision-blog 0.45 → 0.48 (0.38–0.49 → 0.48–0.53 for the others): the first label-free gain on both sets "
+    "and every model, short of 0.80; after fine-tuning on 50 labels it hurt (tecom 0.88 → 0.79), so it is used "
+    "for frames-only site models (docs/robustness.md, 'Calibrating on normal control smears').",
 ]
 
 

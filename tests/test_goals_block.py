@@ -58,3 +58,13 @@ def test_held_out_class_auroc_counts_only_above_the_cnns() -> None:
     assert low["met"] is False and low["measured"] == 0.56 and "0.780" in low["note"]
     without = {r["goal"]: r for r in goals(_card(), None)}["held-out-class AUROC ≥ 0.95 and above the CNN's"]
     assert without["measured"] is None and without["met"] is None
+
+
+def test_without_labels_goal_counts_the_shipped_model_and_notes_the_control_calibrated_site_model() -> None:
+    calibrated = {"n_labels": 0, "method": "bn+normal",
+                  "mean_sd": {"balanced_accuracy": [0.85, 0.01], "pbc_balanced_accuracy": [0.3, 0.0]}}
+    card = _card(adaptation={"domains": {"tecom": {"results": [calibrated]}}},
+                 out_of_domain={"domains": {"tecom": {"balanced_accuracy": 0.2}}})
+    row = {r["goal"]: r for r in goals(card, None)}["tecom balanced accuracy ≥ 0.80 without site labels"]
+    assert row["measured"] == 0.2 and row["met"] is False  # a site model is not the shipped model
+    assert "0.85" in row["note"] and "--normal-controls" in row["note"]
