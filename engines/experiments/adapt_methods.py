@@ -30,6 +30,7 @@ from engines.adapt import (
     AdaptConfig,
     adapt_model,
     adaptation_curve,
+    fine_tune,
     predict_probs,
     replay_anchor,
 )
@@ -54,6 +55,10 @@ class MethodConfig(AdaptConfig):
     # Reinhard colour matching of the site's crops to PBC's CIELAB statistics before everything else
     # (the runtime cannot apply a per-site colour transform).
     colour_match: bool = False
+
+    # With normal_differential: calibrate right after batch-norm re-estimation, before the labelled fine-tuning
+    # (the product calibrates after, and only without labels).
+    calibrate_first: bool = False
 
     # With no site labels, train on the PBC replay crops' starting posterior alone (needs replay_distill):
     # after batch-norm re-estimation, the network learns to read PBC through the site's statistics.
@@ -128,6 +133,8 @@ METHODS: dict[str, MethodConfig] = {
     "bn+normal+st": MethodConfig(**{**asdict(PRODUCT_METHODS["bn+all+lwf"]), "layers": "none",
                                     "normal_differential": True, "unsupervised": "selftrain-after",
                                     "st_portions": (0.5,)}),
+    "bn+normal+all+lwf": MethodConfig(**{**asdict(PRODUCT_METHODS["bn+all+lwf"]), "normal_differential": True,
+                                         "calibrate_first": True}),
     "bn+all+lwf+st": MethodConfig(**{**asdict(PRODUCT_METHODS["bn+all+lwf"]), "unsupervised": "selftrain-after",
                                      "st_portions": (0.5,)}),
 }
@@ -144,6 +151,13 @@ def adapt_with_method(model: BaselineCNN, meta: ModelMetadata, unlabelled_bgr: n
     unsupervised = getattr(cfg, "unsupervised", "none")
     if unsupervised not in ("none", "im", "selftrain", "selftrain-after"):
         raise ValueError(f"unknown unsupervised method {unsupervised!r} (none, im, selftrain or selftrain-after)")
+    if getattr(cfg, "calibrate_first", False):
+        anchor = replay_anchor(model, cfg, replay)  # the starting model, before anything moved it
+        pool = np.concatenate([c for c in (unlabelled_bgr, labelled_bgr) if len(c)])
+        adapt_model(model, meta, pool, labelled_bgr[:0], labels[:0], dataclasses.replace(cfg, layers="none"), replay,
+                    log, white_bgr=unlabelled_bgr)
+        fine_tune(model, labelled_bgr, labels, meta, cfg, replay if cfg.replay else None, log, anchor)
+        return model
     if unsupervised == "none":
         return adapt_model(model, meta, unlabelled_bgr, labelled_bgr, labels, cfg, replay, log)
     if unsupervised == "selftrain-after":
