@@ -190,11 +190,12 @@ def _self_check_lines(check: dict, white: int) -> list[str]:
 def _differential_lines(check: dict | None) -> list[str]:
     if not check:
         return []
-    shown = [c for c, share in check["normal"].items() if share >= 0.01]
-    return ["## Calibrated on normal control smears",
+    shown = [c for c in check["normal"] if max(check["normal"][c], check["base"][c], check["site"][c]) >= 0.005]
+    return ["## Calibrated on normal control smears", "",
             f"The frames were declared normal controls (`--normal-controls`): per-class offsets in the head make "
             f"their {check['cells']} white cells read as a normal differential. Fitted once; later patients are "
-            "read with the same offsets, so an abnormal differential still shows against it.",
+            "read with the same offsets, so an abnormal differential still shows against it. Both columns are "
+            "measured with the ONNX files (the base model as shipped, the site model as written here).",
             "",
             "| class | normal | base model | site model |",
             "|---|---|---|---|",
