@@ -72,12 +72,13 @@ def fold_into_head(head: nn.Linear, offsets: np.ndarray, temperature: float) -> 
     head.bias += torch.as_tensor(offsets * temperature, dtype=head.bias.dtype)
 
 
-def control_sample(candidates: np.ndarray, labels: np.ndarray, classes: list[str], rng: np.random.Generator
-                   ) -> np.ndarray:
+def control_sample(candidates: np.ndarray, labels: np.ndarray, classes: list[str], rng: np.random.Generator,
+                   shares: np.ndarray | None = None) -> np.ndarray:
     """A simulated normal control run for experiments: ``len(candidates)`` cells drawn (with replacement) from
-    ``candidates`` so their classes follow the normal differential over the classes present. The labels only
-    choose which cells a healthy donor's smear would have shown; the calibration itself never sees them."""
-    target = target_shares(classes)
+    ``candidates`` so their classes follow the normal differential (or ``shares``, the donor's own) over the
+    classes present. The labels only choose which cells the donor's smear would have shown; the calibration
+    itself never sees them."""
+    target = target_shares(classes) if shares is None else np.asarray(shares, np.float64)
     present = labels[candidates]
     counts = np.bincount(present, minlength=len(classes)).astype(np.float64)
     weights = target[present] / counts[present]

@@ -83,6 +83,15 @@ def test_a_simulated_control_run_follows_the_normal_differential_over_the_classe
     assert np.allclose(shares, target / target.sum(), atol=0.08)
 
 
+def test_a_simulated_control_run_can_follow_a_given_donors_differential() -> None:
+    rng = np.random.default_rng(5)
+    labels = np.repeat([NEU, LYM], [100, 100])
+    donor = np.zeros(len(CLASSES))
+    donor[[NEU, LYM]] = 0.25, 0.75  # a lymphocytosis
+    drawn = differential_prior.control_sample(np.arange(len(labels)), labels, CLASSES, rng, donor)
+    assert abs(np.mean(labels[drawn] == LYM) - 0.75) < 0.08
+
+
 def test_offsets_folded_into_the_head_are_what_the_model_then_predicts() -> None:
     torch.manual_seed(0)
     meta = ModelMetadata(name="tiny", version="0", classes=CLASSES, input_size=16, mean=[0.5] * 3, std=[0.25] * 3,
