@@ -3,11 +3,13 @@
     python -m engines.experiments.adapt_methods MODEL.onnx [--methods ...] [--out results/adapt-X.json]
 
 Same protocol as the card's adaptation curve (``engines.adapt.adaptation_curve``: fixed test half, the
-other half as the site's pool, 0/20/50/100 labels, seeds), with two extra kinds of method: training on
-the site's unlabelled crops (TENT / SHOT-IM / self-training, ``selftrain.py``) and Reinhard colour matching
-of the site's crops to PBC's (``colourmatch.py``). Results: ``results/adapt-*.json``, discussed in
-docs/robustness.md ("Adaptation"). None of these beat batch-norm re-estimation reliably, so the product
-(`cytoedge adapt`) does not use them.
+other half as the site's pool, 0/20/50/100 labels, seeds), with more kinds of method: training on the
+site's unlabelled crops (TENT / SHOT-IM / self-training, ``selftrain.py``), Reinhard colour matching of the
+site's crops to PBC's (``colourmatch.py``), variants of the product's fine-tuning (learning without
+forgetting: weight, rate, epochs, batch norm) and of its normal-control calibration (before the fine-tuning,
+with self-training). Results: ``results/adapt-*.json``, discussed in docs/robustness.md ("Adaptation"). The
+product (`cytoedge adapt`, ``engines.adapt.METHODS``) keeps only what beat its predecessor on the pool and
+PBC-validation figures.
 """
 
 from __future__ import annotations
