@@ -1,7 +1,8 @@
 """Adapting a PBC-trained classifier to one lab's microscope from that microscope's own cells.
 
 A model that has only seen one analyser's stain and optics puts foreign cells into one class
-(docs/robustness.md). Two cheap, well-understood fixes are measured here, alone and together:
+(docs/robustness.md). Two cheap, well-understood fixes are measured here, alone and together, and a
+third for sites that have no labels yet:
 
 * **batch-norm re-estimation** (AdaBN, Li et al. 2016): the running means/variances of every
   BatchNorm layer are recomputed on the site's *unlabelled* crops, so features are normalised with
@@ -10,6 +11,9 @@ A model that has only seen one analyser's stain and optics puts foreign cells in
   linear layer only (``head``) or the whole network (``all``), with the baseline's flips/shift
   jitter, class-balanced sampling (a slide is mostly neutrophils), and a pull back towards the
   starting weights (L2-SP) so a handful of labels cannot wreck what PBC taught.
+* **class-balance calibration on normal control smears** (frames only, ``--normal-controls``): per-class
+  offsets in the head so the controls' white cells read as a normal differential
+  (``engines/differential_prior.py``).
 
 The network's weights come from ``weights.pt`` beside the model's ``model.onnx``. The runtime
 command is ``cytoedge adapt`` (edge/commands/adapt.py); what it buys on wbc-shift with 0/20/50/100
