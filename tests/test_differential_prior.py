@@ -104,7 +104,7 @@ def test_offsets_folded_into_the_head_are_what_the_model_then_predicts() -> None
     assert np.allclose(predict_probs(model, crops, meta), expected, atol=1e-4)
 
 
-def test_adapting_with_normal_controls_calibrates_after_batch_norm_and_only_then() -> None:
+def test_a_frames_only_site_model_reads_its_controls_as_normal_only_when_they_were_declared_normal() -> None:
     torch.manual_seed(0)
     meta = ModelMetadata(name="tiny", version="0", classes=CLASSES, input_size=16, mean=[0.5] * 3, std=[0.25] * 3,
                          um_per_px=1.0, field_um=16.0)
