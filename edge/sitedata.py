@@ -43,6 +43,25 @@ class Unlabelled:
     skipped: Counter[str] = field(default_factory=Counter)
 
 
+# Platelets' share of the crops the shipped models were trained on (pbc/manifest.csv: 2,007 of 14,513).
+TRAINING_PLATELET_SHARE = 0.138
+
+
+def batchnorm_pool(unlabelled: Unlabelled, platelet_share: float = TRAINING_PLATELET_SHARE, seed: int = 0
+                   ) -> tuple[np.ndarray, int]:
+    """The crops batch-norm statistics are re-estimated on, and how many platelets were left out: every white
+    cell, platelets only up to the share they had in training. A smear frame can hold more platelets than
+    white cells (120 BCCD frames: 161 to 130); statistics re-estimated on that mix would move with the class
+    mix as well as with the microscope, and the adaptation was measured on white cells (docs/robustness.md)."""
+    kinds = np.array(unlabelled.kinds)
+    white, platelets = np.flatnonzero(kinds != "platelet"), np.flatnonzero(kinds == "platelet")
+    keep = int(platelet_share / (1.0 - platelet_share) * len(white))
+    dropped = max(0, len(platelets) - keep)
+    if dropped:
+        platelets = np.random.default_rng(seed).choice(platelets, size=keep, replace=False)
+    return unlabelled.crops[np.sort(np.concatenate([white, platelets]))], dropped
+
+
 # Lines the display and `cytoedge report --sign` add to a session file besides decisions.
 SLIDE_EVENTS = ("slide-end", "signoff")
 

@@ -158,7 +158,7 @@ def build_site_model(base_onnx: Path, out: Path, name: str, unlabelled: np.ndarr
             "labelled": {c: labels.count(c) for c in meta.classes if labels.count(c)},
             "unlabelled_crops": len(unlabelled),
             "white_cells_for_reference": len(white),
-            "pbc_replay_crops": 0 if replay is None else len(replay[1]),
+            "pbc_replay_crops": 0 if replay is None or not cfg.replay else len(replay[1]),
         },
         "method": asdict(cfg),
         "cross_validation": validation,
@@ -224,7 +224,9 @@ def render_card(card: dict) -> str:
         f"({', '.join(f'{k} {v}' for k, v in data['labelled'].items()) or 'none'}) from {data.get('sessions', 0)} "
         "session file(s).",
         f"- Unlabelled crops for batch-norm statistics: {data['unlabelled_crops']} "
-        f"from {data.get('frames', 0)} frames.",
+        f"from {data.get('frames', 0)} frames"
+        + (f" ({data['platelets_left_out_of_batchnorm']} platelets left out, so platelets are no larger a share "
+           "than in training)." if data.get("platelets_left_out_of_batchnorm") else "."),
         f"- PBC training crops mixed into fine-tuning: {data['pbc_replay_crops']}.",
         f"- Skipped inputs: {json.dumps(data.get('skipped', {}))}.",
         "",

@@ -152,3 +152,17 @@ def test_cytoedge_adapt_refuses_normal_controls_with_too_few_white_cells(tmp_pat
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert f"--normal-controls needs at least {differential_prior.MIN_CELLS} white cells" in result.stderr
     assert not (tmp_path / "store").exists() or not any((tmp_path / "store").iterdir())
+
+
+def test_batch_norm_pool_keeps_every_white_cell_and_platelets_only_up_to_their_training_share() -> None:
+    from edge.sitedata import TRAINING_PLATELET_SHARE, Unlabelled, batchnorm_pool
+
+    kinds = ["wbc"] * 100 + ["platelet"] * 150
+    crops = np.arange(len(kinds), dtype=np.uint8).repeat(3).reshape(-1, 1, 1, 3)
+    pool, dropped = batchnorm_pool(Unlabelled(crops, kinds))
+    kept = pool[:, 0, 0, 0]
+    assert set(range(100)) <= set(kept.tolist())
+    assert dropped == 150 - (len(pool) - 100)
+    assert abs((len(pool) - 100) / len(pool) - TRAINING_PLATELET_SHARE) < 0.01
+    few = Unlabelled(crops[:110], kinds[:110])  # 10 platelets among 100 white cells: all kept
+    assert batchnorm_pool(few)[1] == 0 and len(batchnorm_pool(few)[0]) == 110

@@ -50,7 +50,7 @@ def main(args: argparse.Namespace) -> int:
     from edge.models import resolve_model_path
     from edge.modelstore import ModelStore, store_dir
     from edge.onnx_backend import OnnxRuntimeClassifier
-    from edge.sitedata import crops_from_frames, read_reviews
+    from edge.sitedata import batchnorm_pool, crops_from_frames, read_reviews
 
     try:
         from engines.adapt import method_for
@@ -92,7 +92,9 @@ def main(args: argparse.Namespace) -> int:
     elif args.normal_controls and len(white_crops) < MIN_CONTROL_CELLS:
         raise CytoedgeError(f"--normal-controls needs at least {MIN_CONTROL_CELLS} white cells in the control frames "
                             f"to calibrate a differential, found {len(white_crops)}; record more control fields")
+    normalising, platelets_left_out = batchnorm_pool(unlabelled, seed=args.seed)
     provenance = {"sessions": reviewed.sessions, "frames": unlabelled.frames, "reviews": list(args.reviews),
+                  "platelets_left_out_of_batchnorm": platelets_left_out,
                   "frame_sources": list(args.frames), "um_per_px": config["microscope"]["um_per_px"],
                   "skipped": dict(reviewed.skipped + unlabelled.skipped)}
     # The method is chosen in engines.adapt from docs/robustness.md's measurements; the card records it.
@@ -101,7 +103,7 @@ def main(args: argparse.Namespace) -> int:
     store.root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".adapt-", dir=store.root) as temp:
         try:
-            card = build_site_model(base_path, Path(temp) / name, name, unlabelled.crops, white_crops, reviewed.crops,
+            card = build_site_model(base_path, Path(temp) / name, name, normalising, white_crops, reviewed.crops,
                                     reviewed.labels, settings, provenance, folds=args.folds)
         except (FileNotFoundError, ValueError) as exc:
             raise ModelError(f"cannot adapt {base_path}: {exc}") from None
