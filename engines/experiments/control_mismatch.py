@@ -6,7 +6,8 @@
 intervals (engines/differential_prior.py). A real healthy donor is anywhere inside them. Here each simulated
 control run follows a donor differential drawn uniformly inside the intervals (then normalised), the
 calibration still assumes the midpoints, and the site model is scored on the fixed test half of each wbc-shift
-domain (the adaptation curve's split). Two deliberately abnormal controls show what a wrong control costs.
+domain (the adaptation curve's split). Two deliberately abnormal controls show what a wrong control costs,
+and ``--sizes`` how many control cells the calibration needs (midpoint donor).
 Results: ``results/control-mismatch.json``, discussed in docs/robustness.md ("Calibrating on normal control smears").
 """
 
@@ -43,14 +44,34 @@ def random_donor(classes: list[str], rng: np.random.Generator) -> dict[str, floa
     return {c: float(rng.uniform(lo, hi)) for c, (lo, hi) in INTERVALS.items() if c in classes}
 
 
-def score(base, meta, crops, labels, pool, test, shares, seed) -> float:
-    """Balanced accuracy on the test half of the frames-only site model calibrated on one donor's control run."""
+def score(base, meta, crops, labels, pool, test, shares, seed, size: int | None = None) -> float:
+    """Balanced accuracy on the test half of the frames-only site model calibrated on one donor's control run
+    (``size`` cells; default as many as the pool holds)."""
     rng = np.random.default_rng(seed)
     run = differential_prior.control_sample(pool, labels, meta.classes, rng, shares)
+    if size is not None:
+        run = run[:size]
     model = adapt_model(copy.deepcopy(base), meta, crops[run], crops[:0], labels[:0], METHODS["bn+normal"],
                         log=lambda *_: None)
     probs = predict_probs(model, crops[test], meta)
     return evaluate.classification_metrics(probs.argmax(1), labels[test], meta.classes)["balanced_accuracy"]
+
+
+def measure_sizes(model_onnx: Path, sizes: list[int], draws: int) -> dict:
+    """Balanced accuracy against the number of control white cells (midpoint donor, ``draws`` runs each)."""
+    base, meta = load_weights(model_onnx)
+    cells, _ = ood.domain_crops(meta.classes, meta.field_um, meta.input_size, ood.DOMAINS)
+    report = {}
+    for domain, (crops, labels) in cells.items():
+        order = np.random.default_rng(12345).permutation(len(labels))
+        test, pool = order[: len(order) // 2], order[len(order) // 2:]
+        for size in sizes:
+            if size > len(pool):
+                continue
+            runs = [score(base, meta, crops, labels, pool, test, None, s, size) for s in range(draws)]
+            report.setdefault(domain, {})[str(size)] = {"mean": float(np.mean(runs)), "sd": float(np.std(runs))}
+            print(f"{meta.name} {domain}: {size} control cells {np.mean(runs):.3f}±{np.std(runs):.3f}", flush=True)
+    return report
 
 
 def measure(model_onnx: Path, donors: int) -> dict:
@@ -87,8 +108,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--donors", type=int, default=20, help="simulated control donors per domain")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--sizes", type=int, nargs="+", default=None,
+                        help="instead: balanced accuracy against these numbers of control white cells")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.sizes:
+        report = {"sizes": args.sizes, "draws": args.donors, "models": {}}
+        for model in args.models:
+            report["models"][model.parent.name] = measure_sizes(model, args.sizes, args.donors)
+            if args.out:
+                atomic_write_json(args.out, report)
+        return 0
     report = {"intervals": INTERVALS, "abnormal": ABNORMAL, "donors": args.donors, "models": {}}
     for model in args.models:
         report["models"][model.parent.name] = measure(model, args.donors)
