@@ -143,6 +143,8 @@ def test_cytoedge_adapt_with_normal_controls_writes_a_site_model_that_reads_the_
     assert distance < 0.1
     assert distance < 0.5 * sum(abs(check["base"][c] - check["normal"][c]) for c in check["normal"])
     assert "Calibrated on normal control smears" in (store / "site-controls" / "card.md").read_text()
+    # BCCD frames hold more platelets than white cells: most were left out of the batch-norm statistics.
+    assert card["data"]["platelets_left_out_of_batchnorm"] > 0 and card["data"]["pbc_replay_crops"] == 0
 
 
 def test_cytoedge_adapt_refuses_normal_controls_with_too_few_white_cells(tmp_path: Path) -> None:
