@@ -238,12 +238,19 @@ def adapt_model(model: BaselineCNN, meta: ModelMetadata, unlabelled_bgr: np.ndar
     fine_tune(model, labelled_bgr, labels, meta, cfg, replay if cfg.replay else None, log, anchor)
     if cfg.normal_differential:
         cells = unlabelled_bgr if white_bgr is None else white_bgr
-        offsets = differential_prior.fit_offsets(predict_probs(model, cells, meta),
-                                                 differential_prior.target_shares(meta.classes))
-        differential_prior.fold_into_head(model.head, offsets, meta.temperature)
+        offsets = calibrate_to_normal(model, meta, cells)
         shown = ", ".join(f"{c} {o:+.1f}" for c, o in zip(meta.classes, offsets, strict=True))
         log(f"class-balance offsets for a normal differential, fitted on {len(cells)} white cells: {shown}")
     return model
+
+
+def calibrate_to_normal(model: nn.Module, meta: ModelMetadata, white_bgr: np.ndarray) -> np.ndarray:
+    """Fit the class-balance offsets that make ``white_bgr`` read as a normal differential and add them to the
+    head's bias (on top of any offsets already there); returns them."""
+    offsets = differential_prior.fit_offsets(predict_probs(model, white_bgr, meta),
+                                             differential_prior.target_shares(meta.classes))
+    differential_prior.fold_into_head(model.head, offsets, meta.temperature)
+    return offsets
 
 
 @torch.no_grad()
@@ -362,6 +369,12 @@ def replay_set(pbc_root: Path, classes: list[str], per_class: int, size: int, se
     return crops, np.array([classes.index(s.label) for s in chosen], np.int64)
 
 
+def curve_split(n_cells: int, seed: int = 12345) -> tuple[np.ndarray, np.ndarray]:
+    """The adaptation curve's fixed split of a domain's cells: (test half, the site's pool)."""
+    order = np.random.default_rng(seed).permutation(n_cells)
+    return order[: n_cells // 2], order[n_cells // 2:]
+
+
 def adaptation_curve(model_onnx: Path, shots: tuple[int, ...], seeds: int, methods: dict[str, AdaptConfig],
                      out: Path | None, epochs: int | None = None, log=print, domains: tuple[str, ...] | None = None,
                      adapt_step: AdaptStep = adapt_model, site_view: SiteView | None = None,
@@ -389,9 +402,7 @@ def adaptation_curve(model_onnx: Path, shots: tuple[int, ...], seeds: int, metho
                     "epochs": epochs, "seeds": seeds, "methods": {m: asdict(c) for m, c in methods.items()},
                     "threads": torch.get_num_threads(), "domains": {}}
     for domain, (crops, labels) in site_cells.items():
-        split_rng = np.random.default_rng(12345)
-        order = split_rng.permutation(len(labels))
-        test, pool = order[: len(order) // 2], order[len(order) // 2:]
+        test, pool = curve_split(len(labels))
         rows = report["domains"].setdefault(domain, {"n_test": len(test), "n_pool": len(pool), "results": []})
         for n in shots:
             if n > len(pool):

@@ -25,15 +25,14 @@ import numpy as np
 import torch
 
 from edge.modelmeta import ModelMetadata
-from engines import differential_prior
 from engines.adapt import (
     CURVE_SHOTS,
     REPLAY_PER_CLASS,
     AdaptConfig,
     adapt_model,
     adaptation_curve,
+    calibrate_to_normal,
     fine_tune,
-    predict_probs,
     replay_anchor,
 )
 from engines.adapt import METHODS as PRODUCT_METHODS
@@ -169,7 +168,7 @@ def adapt_with_method(model: BaselineCNN, meta: ModelMetadata, unlabelled_bgr: n
         self_train(model, unlabelled_bgr, labelled_bgr, labels, meta, cfg, replay if cfg.replay else None, log,
                    anchor=anchor)
         if cfg.normal_differential:  # self-training's class-balanced batches move the balance again
-            recalibrate(model, meta, unlabelled_bgr)
+            calibrate_to_normal(model, meta, unlabelled_bgr)
         return model
     adapt_model(model, meta, unlabelled_bgr, labelled_bgr, labels, dataclasses.replace(cfg, layers="none"),
                 replay, log)
@@ -182,13 +181,6 @@ def adapt_with_method(model: BaselineCNN, meta: ModelMetadata, unlabelled_bgr: n
         information_maximisation(model, np.concatenate(site), meta, cfg, replay, log)
     return adapt_model(model, meta, unlabelled_bgr[:0], labelled_bgr, labels,
                        dataclasses.replace(cfg, batchnorm=False), replay, log)
-
-
-def recalibrate(model: BaselineCNN, meta: ModelMetadata, white_bgr: np.ndarray) -> None:
-    """Fit the normal-differential offsets again on top of the model's current head (they add up)."""
-    offsets = differential_prior.fit_offsets(predict_probs(model, white_bgr, meta),
-                                             differential_prior.target_shares(meta.classes))
-    differential_prior.fold_into_head(model.head, offsets, meta.temperature)
 
 
 def colour_matched_view(cfg: AdaptConfig, crops: np.ndarray, pool: np.ndarray,
