@@ -16,14 +16,17 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from edge.fileutil import atomic_write_json
+from edge.modelmeta import ModelMetadata
 from engines import differential_prior, evaluate, ood
-from engines.adapt import METHODS, adapt_model, load_weights, predict_probs
+from engines.adapt import METHODS, adapt_model, curve_split, load_weights, predict_probs
 
 # Adult reference intervals (fractions of white cells); the calibration's target is their midpoints.
 INTERVALS = {"neutrophil": (0.40, 0.75), "lymphocyte": (0.20, 0.45), "monocyte": (0.02, 0.10),
@@ -57,14 +60,20 @@ def score(base, meta, crops, labels, pool, test, shares, seed, size: int | None 
     return evaluate.classification_metrics(probs.argmax(1), labels[test], meta.classes)["balanced_accuracy"]
 
 
-def measure_sizes(model_onnx: Path, sizes: list[int], draws: int) -> dict:
-    """Balanced accuracy against the number of control white cells (midpoint donor, ``draws`` runs each)."""
+def sites(model_onnx: Path) -> Iterator[tuple[nn.Module, ModelMetadata, str, np.ndarray, np.ndarray, np.ndarray,
+                                              np.ndarray]]:
+    """(network, metadata, domain, crops, labels, test half, pool) per wbc-shift domain, split as the adaptation
+    curve splits it."""
     base, meta = load_weights(model_onnx)
     cells, _ = ood.domain_crops(meta.classes, meta.field_um, meta.input_size, ood.DOMAINS)
-    report = {}
     for domain, (crops, labels) in cells.items():
-        order = np.random.default_rng(12345).permutation(len(labels))
-        test, pool = order[: len(order) // 2], order[len(order) // 2:]
+        yield (base, meta, domain, crops, labels, *curve_split(len(labels)))
+
+
+def measure_sizes(model_onnx: Path, sizes: list[int], draws: int) -> dict:
+    """Balanced accuracy against the number of control white cells (midpoint donor, ``draws`` runs each)."""
+    report = {}
+    for base, meta, domain, crops, labels, test, pool in sites(model_onnx):
         for size in sizes:
             if size > len(pool):
                 continue
@@ -75,12 +84,9 @@ def measure_sizes(model_onnx: Path, sizes: list[int], draws: int) -> dict:
 
 
 def measure(model_onnx: Path, donors: int) -> dict:
-    base, meta = load_weights(model_onnx)
-    cells, _ = ood.domain_crops(meta.classes, meta.field_um, meta.input_size, ood.DOMAINS)
+    """Midpoint donors, donors drawn inside the reference intervals, and the abnormal controls, per domain."""
     report = {}
-    for domain, (crops, labels) in cells.items():
-        order = np.random.default_rng(12345).permutation(len(labels))  # the adaptation curve's split
-        test, pool = order[: len(order) // 2], order[len(order) // 2:]
+    for base, meta, domain, crops, labels, test, pool in sites(model_onnx):
         rng = np.random.default_rng(7)
         midpoint = [score(base, meta, crops, labels, pool, test, None, s) for s in range(donors)]
         drawn = [random_donor(meta.classes, rng) for _ in range(donors)]

@@ -36,6 +36,7 @@ from engines import evaluate, pbc
 from engines.adapt import (
     METHODS,
     adapt_model,
+    curve_split,
     draw_labelled,
     load_weights,
     predict_probs,
@@ -188,8 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"model": str(args.model), "method": "bn+all+replay on reviewer labels and/or pseudo-labels",
                     "gate": GATE, "seeds": args.seeds, "domains": {}}
     for domain, (crops, labels) in domain_crops(meta.classes, meta.field_um, meta.input_size)[0].items():
-        order = np.random.default_rng(SPLIT_SEED).permutation(len(labels))
-        test, pool = order[: len(order) // 2], order[len(order) // 2:]
+        test, pool = curve_split(len(labels), SPLIT_SEED)
         errors, ms = teacher_scores(args.teacher, crops[pool], calib["timesteps"])
         bn_model = copy.deepcopy(base)
         reestimate_batchnorm(bn_model, crops[pool], meta)
