@@ -23,19 +23,22 @@ END = "<!-- cytoedge:goals-issue15:end -->"
 LABELS = 50
 
 
-def _adapted(card: dict, domain: str) -> dict | None:
+def _curve_row(card: dict, domain: str, n_labels: int, method: str) -> dict | None:
+    """mean_sd of one row of the card's adaptation curve."""
     rows = card.get("adaptation", {}).get("domains", {}).get(domain, {}).get("results", [])
-    # The method `cytoedge adapt` used when the card was measured (cards before it was recorded: bn+all+replay).
-    method = card.get("adaptation", {}).get("default_method", "bn+all+replay")
-    row = next((r for r in rows if r["n_labels"] == LABELS and r["method"] == method), None)
+    row = next((r for r in rows if r["n_labels"] == n_labels and r["method"] == method), None)
     return row["mean_sd"] if row else None
+
+
+def _adapted(card: dict, domain: str) -> dict | None:
+    # The method `cytoedge adapt` used when the card was measured (cards before it was recorded: bn+all+replay).
+    return _curve_row(card, domain, LABELS, card.get("adaptation", {}).get("default_method", "bn+all+replay"))
 
 
 def _control_calibrated(card: dict, domain: str) -> float | None:
     """Balanced accuracy of the frames-only site model calibrated on a (simulated) normal control run."""
-    rows = card.get("adaptation", {}).get("domains", {}).get(domain, {}).get("results", [])
-    row = next((r for r in rows if r["n_labels"] == 0 and r["method"] == "bn+normal"), None)
-    return row["mean_sd"]["balanced_accuracy"][0] if row else None
+    row = _curve_row(card, domain, 0, "bn+normal")
+    return row["balanced_accuracy"][0] if row else None
 
 
 def goals(card: dict, teacher: dict | None) -> list[dict]:
