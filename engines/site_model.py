@@ -93,30 +93,27 @@ def alarm_self_check(labels: np.ndarray, values: dict[str, np.ndarray], ordered:
     return {"checks": checks, "alarm_share": round(alarms / checks, 4) if checks else None}
 
 
-def site_reference(model_path: Path, white_crops: np.ndarray) -> dict:
-    """The domain alarm's reference for this site, measured by the site model on the site's white cells
-    (the alarm compares later cells with what this microscope looked like when the model was built),
-    with its false-alarm share on held-out halves of those cells."""
-    classifier = OnnxRuntimeClassifier(model_path, threads=1)
-    labels, values = cell_features(classifier, white_crops)
+def site_reference(model_sha256: str, labels: np.ndarray, values: dict[str, np.ndarray]) -> dict:
+    """The domain alarm's reference for this site, from the site model's labels and alarm features on the
+    site's white cells (the alarm compares later cells with what this microscope looked like when the model
+    was built), with its false-alarm share on held-out halves of those cells."""
     reference = Reference.from_samples(values, labels)
-    return {**reference.to_json(), "model_sha256": classifier.sha256,
-            "data": f"{len(white_crops)} white cells found in this site's recorded frames",
+    return {**reference.to_json(), "model_sha256": model_sha256,
+            "data": f"{len(labels)} white cells found in this site's recorded frames",
             "classes": sorted(reference.counts),
             "self_check": {"random_halves": alarm_self_check(labels, values),
                            "recording_halves": alarm_self_check(labels, values, ordered=True)}}
 
 
-def differential_check(base_onnx: Path, site_onnx: Path, white: np.ndarray) -> dict:
+def differential_check(base_onnx: Path, site_labels: np.ndarray, white: np.ndarray) -> dict:
     """How the site's white cells are spread over the classes by the base model and by the exported site
-    model, next to a normal differential: with ``normal_differential`` the site model should read its
-    control cells as normal, and this is measured through the ONNX file the service will run."""
-    shares = {}
-    for who, path in (("base", base_onnx), ("site", site_onnx)):
-        classifier = OnnxRuntimeClassifier(path, threads=1)
-        labels, _ = cell_features(classifier, white)
-        classes = classifier.metadata.classes
-        shares[who] = {c: round(float(np.mean(labels == c)), 4) for c in classes}
+    model (``site_labels``), next to a normal differential: with ``normal_differential`` the site model should
+    read its control cells as normal, and this is measured through the ONNX file the service will run."""
+    base = OnnxRuntimeClassifier(base_onnx, threads=1)
+    classes = base.metadata.classes
+    base_labels, _ = cell_features(base, white)
+    shares = {who: {c: round(float(np.mean(labels == c)), 4) for c in classes}
+              for who, labels in (("base", base_labels), ("site", site_labels))}
     target = differential_prior.target_shares(classes)
     return {"cells": len(white), "normal": {c: round(float(t), 4) for c, t in zip(classes, target, strict=True)},
             **shares}
@@ -142,10 +139,13 @@ def build_site_model(base_onnx: Path, out: Path, name: str, unlabelled: np.ndarr
     save_weights(model, out / WEIGHTS_FILE)
     if replay is not None:
         shutil.copyfile(Path(base_onnx).with_name(REPLAY_FILE), out / REPLAY_FILE)
-    reference = site_reference(onnx_path, white)
-    differential = differential_check(base_onnx, onnx_path, white) if cfg.normal_differential else None
+    # The exported file, as the service will run it, reads the site's white cells once for both checks.
+    site = OnnxRuntimeClassifier(onnx_path, threads=1)
+    white_labels, white_values = cell_features(site, white)
+    reference = site_reference(site.sha256, white_labels, white_values)
+    differential = differential_check(base_onnx, white_labels, white) if cfg.normal_differential else None
     atomic_write_bytes(out / "reference.json", json.dumps(reference, indent=1).encode())
-    sha = reference["model_sha256"]  # measured on the exported file by site_reference
+    sha = site.sha256  # of the exported file, as the service loads it
     card = {
         "format": "cytoedge-site-card/1",
         "name": name,
